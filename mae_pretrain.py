@@ -300,6 +300,11 @@ def main(args):
     check_args(args)
     dinfo = util.init_distributed(args.device)
     device = dinfo.device
+    dataset, _ = util.build_dataset(args, train=True,
+                                    transform=util.pretrain_transform(args.input_size, args.min_crop_scale))
+    loader = util.build_train_loader(dataset, args, dinfo)
+    vis_imgs = figure_images(args) if dinfo.is_main else None  # fail now, not after training
+
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     try:
         model = create_mae(args.model, img_size=args.input_size, patch_size=args.patch_size,
@@ -311,11 +316,6 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {model.num_patches} patches, "
            f"{int(model.num_patches * (1 - args.mask_ratio))} kept")
-
-    dataset, _ = util.build_dataset(args, train=True,
-                                    transform=util.pretrain_transform(args.input_size, args.min_crop_scale))
-    loader = util.build_train_loader(dataset, args, dinfo)
-    vis_imgs = figure_images(args) if dinfo.is_main else None  # fail now, not after training
     print0(f"{len(dataset)} training images, {len(loader) // args.accum_iter} steps per epoch")
 
     util.effective_lr(args, dinfo.world_size)

@@ -187,12 +187,14 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        detail = detail.group(1).strip() if detail else (text.strip().splitlines() or [""])[0]
+        if "Unsupported global" in text:
             raise CheckpointError(f"{path}: holds Python objects other than tensors and plain "
-                                  f"data; refusing to unpickle it ({first})") from None
+                                  f"data; refusing to unpickle it ({detail})") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint or the file is corrupt "
-                              f"({type(e).__name__}: {first})") from None
+                              f"({type(e).__name__}: {detail[:200]})") from None
 
 
 def load_state_strict(model, state_dict, path):
@@ -761,9 +763,8 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
             mean_loss = (sums["loss"] / count).item()  # one sync per print_freq steps
             if not math.isfinite(mean_loss):
                 bar.close()
-                raise NonFiniteLossError(
-                    f"loss is {mean_loss} at epoch {epoch}, step {i + 1}; stopping. "
-                    f"{args.output_dir}/checkpoint.pth still holds the last good epoch")
+                raise NonFiniteLossError(f"loss is {mean_loss} at epoch {epoch}, step {i + 1}; "
+                                         f"stopping. {_last_good(args)}")
             rate = images * dist_world() / (time.time() - t0)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
     bar.close()
@@ -773,10 +774,16 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
     stats = {k: (stats[j] / stats[-1]).item() for j, k in enumerate(sums)}
     if not all(math.isfinite(v) for v in stats.values()):
         raise NonFiniteLossError(f"non-finite loss in epoch {epoch} ({stats}); stopping. "
-                                 f"{args.output_dir}/checkpoint.pth still holds the last good epoch")
+                                 f"{_last_good(args)}")
     stats.update(lr=lr, img_per_s=images * dist_world() / elapsed, epoch_time_s=elapsed,
                  peak_mem_mb=peak_memory_mb(device))
     return stats
+
+
+def _last_good(args):
+    path = Path(args.output_dir) / "checkpoint.pth"
+    return (f"{path} still holds the last good epoch" if path.is_file()
+            else "No checkpoint was written.")
 
 
 def dist_world():

@@ -1,0 +1,203 @@
+"""vit.py: timm's names and numerics, MAE's sin-cos embedding, the public taps."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vit
+from vit import VisionTransformer, interpolate_pos_embed, sincos_pos_embed
+
+CFG = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
+
+
+def small_vit(**kw):
+    torch.manual_seed(0)
+    return VisionTransformer(**{**CFG, **kw}).eval()
+
+
+def expected_vit_keys(D, depth, C, p, N, num_classes, pool):
+    """The names and shapes of PAPERS.md section 1, written out by hand."""
+    keys = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + N, D),
+            "patch_embed.proj.weight": (D, C, p, p), "patch_embed.proj.bias": (D,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        keys.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,),
+                     b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
+                     b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+                     b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+                     b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
+                     b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,)})
+    norm = "norm" if pool == "token" else "fc_norm"
+    keys.update({f"{norm}.weight": (D,), f"{norm}.bias": (D,),
+                 "head.weight": (num_classes, D), "head.bias": (num_classes,)})
+    return keys
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_state_dict_names_and_shapes_match_the_hand_written_list(pool):
+    model = small_vit(global_pool=pool)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected_vit_keys(48, 3, 3, 8, 16, 5, pool)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_timm_vit_loads_our_weights_strictly_and_gives_the_same_logits(pool):
+    timm = pytest.importorskip("timm")
+    ours = small_vit(global_pool=pool, drop_path_rate=0.1)
+    torch.nn.init.normal_(ours.head.weight)  # the 2e-5 init would make every logit tiny
+    ref = timm.models.vision_transformer.VisionTransformer(**CFG, global_pool=pool).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max() < 1e-4
+
+
+def test_our_vit_loads_timm_weights_strictly_and_gives_the_same_logits():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(1)
+    ref = timm.models.vision_transformer.VisionTransformer(**CFG, global_pool="avg").eval()
+    ours = small_vit(global_pool="avg")
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max() < 1e-4
+
+
+def reference_sincos(D, G):
+    """PAPERS.md's description, element by element: token 1 + row*G + col; channels
+    [0, D/2) from the column, [D/2, D) from the row; [sin | cos] of pos * 10000^(-j/(D/4))."""
+    out = torch.zeros(1 + G * G, D, dtype=torch.float64)
+    for row in range(G):
+        for col in range(G):
+            for half, pos in ((0, col), (1, row)):
+                for j in range(D // 4):
+                    w = 10000 ** (-j / (D / 4))
+                    out[1 + row * G + col, half * D // 2 + j] = math.sin(pos * w)
+                    out[1 + row * G + col, half * D // 2 + D // 4 + j] = math.cos(pos * w)
+    return out
+
+
+def test_sincos_matches_the_element_by_element_definition():
+    got = sincos_pos_embed(16, 4).double()
+    assert torch.allclose(got, reference_sincos(16, 4), atol=1e-6)
+
+
+def test_sincos_puts_the_column_half_first_and_a_zero_cls_row():
+    emb = sincos_pos_embed(16, 4)
+    assert torch.all(emb[0] == 0)
+    row0_col1 = emb[1 + 1]  # row 0, column 1
+    assert row0_col1[0] == pytest.approx(math.sin(1.0), abs=1e-6)  # column half: pos 1
+    assert row0_col1[4] == pytest.approx(math.cos(1.0), abs=1e-6)
+    assert row0_col1[8] == pytest.approx(0.0, abs=1e-6)  # row half: pos 0
+    assert row0_col1[12] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sincos_model_keeps_a_fixed_embedding():
+    model = small_vit(pos_embed="sincos")
+    assert not model.pos_embed.requires_grad
+    assert torch.allclose(model.pos_embed[0], sincos_pos_embed(48, 4))
+
+
+def test_interpolate_pos_embed_keeps_cls_row_and_resizes_the_grid():
+    pe = torch.randn(1, 1 + 16, 8)
+    out = interpolate_pos_embed(pe, 6)
+    assert out.shape == (1, 1 + 36, 8)
+    assert torch.equal(out[:, 0], pe[:, 0])
+    assert interpolate_pos_embed(pe, 4) is pe
+    const = torch.full((1, 1 + 16, 8), 0.7)
+    assert torch.allclose(interpolate_pos_embed(const, 7), torch.full((1, 50, 8), 0.7), atol=1e-5)
+
+
+def test_encode_taps_give_block_outputs_norm1_and_final_norm():
+    model = small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        taps = model.encode(model.embed(x), layers=(1, 2, 3), norm1=(1, 2, 3))
+        assert torch.allclose(taps.norm1[2], model.blocks[1].norm1(taps.layers[1]))
+        assert torch.allclose(taps.x, model.norm(taps.layers[3]))
+        assert torch.allclose(taps.x, model.forward_features(x))
+
+
+def test_attention_taps_are_softmax_of_logits_and_leave_the_output_unchanged():
+    model = small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.embed(x)
+        fused = model.encode(tokens).x
+        logits = model.encode(tokens, attn=(1, 2, 3), attn_logits=True)
+        probs = model.encode(tokens, attn=(2,))
+    assert logits.attn[2].shape == (2, 3, 17, 17)
+    assert torch.allclose(probs.attn[2], logits.attn[2].softmax(-1), atol=1e-6)
+    assert torch.allclose(logits.x, fused, atol=1e-5)  # explicit and fused paths agree
+
+
+def test_qkv_tap_is_the_fused_projection_split_three_heads_dim():
+    model = small_vit()
+    with torch.no_grad():
+        taps = model.encode(model.embed(torch.randn(2, 3, 32, 32)), qkv=(2,), norm1=(2,))
+        W = model.blocks[1].attn.qkv(taps.norm1[2])  # (B, N, 3D) with layout (three, heads, dim)
+        q, k, v = taps.qkv[2]
+    assert q.shape == (2, 3, 17, 16)
+    head1_k = W[..., 48 + 16:48 + 32]  # second chunk = k, second head
+    assert torch.equal(k[:, 1], head1_k)
+
+
+def test_only_blocks_asked_for_attention_leave_the_fused_kernel(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(vit.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = small_vit()
+    with torch.no_grad():
+        model.encode(model.embed(torch.randn(1, 3, 32, 32)), attn=(2,))
+    assert len(calls) == 2  # blocks 1 and 3
+
+
+def test_stop_at_returns_the_same_layer_output_as_the_full_forward():
+    model = small_vit()
+    tokens = model.embed(torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        full = model.encode(tokens, layers=(2,), qkv=(2,))
+        cut = model.encode(tokens, layers=(2,), stop_at=2)
+        qkv_only = model.encode(tokens, qkv=(2,), stop_at=2)
+    assert cut.x is None and torch.equal(cut.layers[2], full.layers[2])
+    assert qkv_only.layers == {} and all(torch.equal(a, b) for a, b in zip(qkv_only.qkv[2], full.qkv[2]))
+
+
+def test_stop_at_with_only_qkv_skips_the_rest_of_the_block(monkeypatch):
+    model = small_vit()
+    ran = []
+    model.blocks[1].mlp.register_forward_hook(lambda *a: ran.append("mlp"))
+    model.blocks[2].register_forward_hook(lambda *a: ran.append("block3"))
+    with torch.no_grad():
+        model.encode(model.embed(torch.randn(1, 3, 32, 32)), qkv=(2,), stop_at=2)
+    assert ran == []
+
+
+def test_taps_outside_the_depth_are_refused():
+    model = small_vit()
+    with pytest.raises(ValueError, match="1..3"):
+        model.encode(model.embed(torch.randn(1, 3, 32, 32)), layers=(4,))
+
+
+def test_drop_path_ramps_linearly_and_drops_whole_samples():
+    model = small_vit(drop_path_rate=0.2)
+    assert [b.drop_path.p for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    dp = vit.DropPath(0.5).train()
+    torch.manual_seed(0)
+    out = dp(torch.ones(64, 5, 3))
+    per_sample = out.flatten(1)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}  # kept samples scaled by 1/keep
+    assert torch.all(per_sample.min(1).values == per_sample.max(1).values)
+    assert torch.equal(dp.eval()(torch.ones(3, 2)), torch.ones(3, 2))
+
+
+def test_presets_and_overrides():
+    tiny = vit.vit_tiny(num_heads=12, num_classes=0)
+    assert (tiny.embed_dim, tiny.depth, tiny.blocks[0].attn.num_heads) == (192, 12, 12)
+    assert vit.vit_huge(num_classes=0, img_size=28, depth=1).patch_embed.patch_size == 14
+    adaptive = vit.vit_tiny(num_classes=0, last_block_heads=6)
+    assert [b.attn.num_heads for b in adaptive.blocks][-2:] == [3, 6]
+    with pytest.raises(ValueError, match="not divisible"):
+        vit.vit_tiny(img_size=30, patch_size=4)
