@@ -719,6 +719,9 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
     lr, throughput and peak memory. Raises NonFiniteLossError on a NaN/inf loss
     (checked at each progress update and at the end) before anything is saved."""
     model.train(True)
+    # Drop path, mixup and the like draw from the global RNG: reseed it from (seed, epoch,
+    # rank) so a resumed run draws what the uninterrupted one drew, without saving RNG state.
+    torch.manual_seed(stable_seed(args.seed, "epoch", epoch, dist.get_rank() if dist.is_initialized() else 0))
     accum = args.accum_iter
     steps = len(loader) // accum
     if device.type == "cuda":
