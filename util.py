@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from vit import interpolate_pos_embed
+from vit import VIT_PRESETS, interpolate_pos_embed
 
 # ----------------------------------------------------------------------------
 # Errors the user can fix: one line, exit status 1, no traceback.
@@ -320,7 +320,41 @@ def _group(keys):
     return ", ".join(g if n == 1 else f"{g} (x{n})" for g, n in counts.items())
 
 
-def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=True):
+# Head count is not in the weights: a width's usual count (vit.py's presets) unless the
+# checkpoint records its own. Decoders: MAE's 512-wide and MAE-Lite's 96-wide both use
+# 32-dim heads.
+HEADS_BY_WIDTH = {cfg["embed_dim"]: cfg["num_heads"] for cfg in VIT_PRESETS.values()}
+
+
+def infer_vit_config(path_or_obj, name=None):
+    """Architecture of a checkpoint in any known layout, read from its weights:
+    embed_dim, depth, patch_size, in_chans, img_size (from pos_embed's grid), mlp_ratio,
+    global_pool, num_classes, and the decoder's size when it has one. num_heads (and
+    decoder_num_heads) come from the checkpoint's recorded config when it has one, else
+    from the width; the returned 'heads_inferred' says which."""
+    name = name or str(path_or_obj)
+    obj = load_checkpoint(path_or_obj) if isinstance(path_or_obj, (str, Path)) else path_or_obj
+    sd = read_state_dict(obj, name=name)
+    saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
+    D, C, p, _ = sd["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1) if "pos_embed" in sd else None
+    cfg = dict(embed_dim=D, depth=depth, patch_size=p, in_chans=C,
+               img_size=grid * p if grid else None,
+               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+               num_heads=saved.get("num_heads") or HEADS_BY_WIDTH.get(D, max(1, D // 64)),
+               heads_inferred="num_heads" not in saved,
+               global_pool="avg" if "fc_norm.weight" in sd and "norm.weight" not in sd else "token",
+               num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0)
+    if "decoder_embed.weight" in sd:
+        Dd = sd["decoder_embed.weight"].shape[0]
+        cfg.update(decoder_embed_dim=Dd,
+                   decoder_depth=len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")}),
+                   decoder_num_heads=saved.get("decoder_num_heads") or max(1, Dd // 32))
+    return cfg
+
+
+def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=True, name=None):
     """Load any known checkpoint format into `model` (a ViT or an MAE), checking every key.
 
     - pos_embed / decoder_pos_embed of another grid are interpolated (bicubic);
@@ -329,9 +363,11 @@ def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=Tr
       model) are reported as unexpected and skipped;
     - missing keys outside `allow_missing` (prefixes), a depth or shape mismatch:
       CheckpointError naming the file and the key.
-    Returns a LoadReport; prints it when verbose.
+    `path` may also be a checkpoint already read with load_checkpoint (then `name` names
+    it in messages). Returns a LoadReport; prints it when verbose.
     """
-    obj = load_checkpoint(path)
+    obj = load_checkpoint(path) if isinstance(path, (str, Path)) else path
+    path = name or path
     sd = read_state_dict(obj, name=path)
     own = model.state_dict()
     # Head count is invisible in the shapes (qkv is [3D, D] for any count): check it

@@ -228,3 +228,21 @@ def test_a_recorded_head_count_that_differs_is_refused(tmp_path):
     path = save(tmp_path, "ours.pth", {"model": src.state_dict(), "model_config": src.config})
     with pytest.raises(util.CheckpointError, match="trained with 2 heads, the model has 4"):
         util.load_pretrained(make_vit(1, num_heads=4), path, verbose=False)
+
+
+def test_architecture_is_inferred_from_the_weights(tmp_path):
+    from mae_pretrain import MaskedAutoencoderViT
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(img_size=48, patch_size=8, embed_dim=192, depth=3, num_heads=3,
+                               decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)
+    path = save(tmp_path, "mae_visualize.pth", {"model": {"module.model." + k: v for k, v in mae.state_dict().items()}})
+    cfg = util.infer_vit_config(path)
+    assert {k: cfg[k] for k in ("embed_dim", "depth", "patch_size", "img_size", "num_heads",
+                                "heads_inferred", "decoder_embed_dim", "decoder_depth",
+                                "decoder_num_heads", "global_pool", "num_classes")} == dict(
+        embed_dim=192, depth=3, patch_size=8, img_size=48, num_heads=3, heads_inferred=True,
+        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2, global_pool="token", num_classes=0)
+    ours = save(tmp_path, "ours.pth", {"model": make_vit(0, num_classes=4, global_pool="avg").state_dict(),
+                                       "model_config": {"num_heads": 2}})
+    cfg = util.infer_vit_config(ours)
+    assert (cfg["num_heads"], cfg["heads_inferred"], cfg["global_pool"], cfg["num_classes"]) == (2, False, "avg", 4)
