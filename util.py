@@ -799,7 +799,9 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
         images += batch[0].shape[0]
         bar.update(1)
         if (i + 1) % args.print_freq == 0 or i + 1 == steps * accum:
-            mean_loss = (sums["loss"] / count).item()  # one sync per print_freq steps
+            # All ranks check the same global mean, so they stop together (a rank that
+            # stopped alone would leave the others blocked in the next all-reduce).
+            mean_loss = (all_reduce_sum(sums["loss"].clone()) / (count * dist_world())).item()
             if not math.isfinite(mean_loss):
                 bar.close()
                 raise NonFiniteLossError(f"loss is {mean_loss} at epoch {epoch}, step {i + 1}; "
