@@ -370,13 +370,6 @@ def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=Tr
     path = name or path
     sd = read_state_dict(obj, name=path)
     own = model.state_dict()
-    # Head count is invisible in the shapes (qkv is [3D, D] for any count): check it
-    # where the file records it (this project's checkpoints do).
-    saved = obj.get("model_config") if isinstance(obj, dict) else None
-    mine = getattr(model, "config", None)
-    if saved and mine and saved.get("num_heads") != mine.get("num_heads"):
-        raise CheckpointError(f"{path}: was trained with {saved.get('num_heads')} heads, the model "
-                              f"has {mine.get('num_heads')} (pass --num_heads {saved.get('num_heads')})")
     loaded, notes = {}, []
     for k, v in sd.items():
         if k not in own:
@@ -401,6 +394,13 @@ def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=Tr
         depth = sum(1 for k in own if re.fullmatch(r"blocks\.\d+\.norm1\.weight", k))
         raise CheckpointError(f"{path}: has blocks up to blocks.{extra_blocks[-1]}, the model has "
                               f"{depth} blocks (depth mismatch)")
+    # Head count is invisible in the shapes (qkv is [3D, D] for any count): check it
+    # where the file records it (this project's checkpoints do).
+    saved = obj.get("model_config") if isinstance(obj, dict) else None
+    mine = getattr(model, "config", None)
+    if saved and mine and saved.get("num_heads") != mine.get("num_heads"):
+        raise CheckpointError(f"{path}: was trained with {saved.get('num_heads')} heads, the model "
+                              f"has {mine.get('num_heads')} (pass --num_heads {saved.get('num_heads')})")
     missing = [k for k in own if k not in loaded]
     fatal = [k for k in missing if not k.startswith(tuple(allow_missing))]
     if fatal:

@@ -246,3 +246,10 @@ def test_architecture_is_inferred_from_the_weights(tmp_path):
                                        "model_config": {"num_heads": 2}})
     cfg = util.infer_vit_config(ours)
     assert (cfg["num_heads"], cfg["heads_inferred"], cfg["global_pool"], cfg["num_classes"]) == (2, False, "avg", 4)
+
+
+def test_a_width_mismatch_is_named_before_a_head_count_mismatch(tmp_path):
+    src = make_vit(0)
+    path = save(tmp_path, "ours.pth", {"model": src.state_dict(), "model_config": src.config})
+    with pytest.raises(util.CheckpointError, match="cls_token has shape"):
+        util.load_pretrained(make_vit(1, embed_dim=64, num_heads=4), path, verbose=False)
