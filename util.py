@@ -336,7 +336,11 @@ def infer_vit_config(path_or_obj, name=None):
     obj = load_checkpoint(path_or_obj) if isinstance(path_or_obj, (str, Path)) else path_or_obj
     sd = read_state_dict(obj, name=name)
     saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
-    D, C, p, _ = sd["patch_embed.proj.weight"].shape
+    w = sd["patch_embed.proj.weight"]
+    if w.ndim != 4:  # VideoMAE / AMD video models embed tubelets with a Conv3d
+        raise CheckpointError(f"{name}: patch_embed.proj.weight has shape {tuple(w.shape)}, not the "
+                              f"(D, C, p, p) of an image ViT (a video model?)")
+    D, C, p, _ = w.shape
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     grid = math.isqrt(sd["pos_embed"].shape[1] - 1) if "pos_embed" in sd else None
     cfg = dict(embed_dim=D, depth=depth, patch_size=p, in_chans=C,

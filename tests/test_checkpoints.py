@@ -253,3 +253,11 @@ def test_a_width_mismatch_is_named_before_a_head_count_mismatch(tmp_path):
     path = save(tmp_path, "ours.pth", {"model": src.state_dict(), "model_config": src.config})
     with pytest.raises(util.CheckpointError, match="cls_token has shape"):
         util.load_pretrained(make_vit(1, embed_dim=64, num_heads=4), path, verbose=False)
+
+
+def test_a_video_models_3d_patch_embedding_is_refused_by_name(tmp_path):
+    sd = {"encoder.patch_embed.proj.weight": torch.zeros(32, 3, 2, 8, 8),
+          "encoder.blocks.0.norm1.weight": torch.ones(32)}
+    path = save(tmp_path, "videomae.pth", {"module": sd})
+    with pytest.raises(util.CheckpointError, match=r"videomae.pth: patch_embed.proj.weight has shape \(32, 3, 2, 8, 8\)"):
+        util.infer_vit_config(path)
