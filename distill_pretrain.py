@@ -24,7 +24,8 @@ amd -- AMD (Zhao et al., CVPR 2024). One permutation per sample: the student kee
                  direct_l = MSE(P_l s_l, t_l[visible])
                  gen_l    = MSE(G_l([P_l s_l + pos ; m_l + pos])[extra], t_l[extra])
                  loss = pixel + w * (mean_l direct_l + mean_l gen_l)
-    G_l: 2 blocks at the teacher's width, m_l: a learned mask token, pos: fixed sin-cos.
+    s_l, t_l: raw block outputs (no norm, as the official code); G_l: 2 blocks at the
+    teacher's width; m_l: a learned mask token; pos: fixed sin-cos.
 feature -- TinyMIM's feature-distillation baseline: smooth-L1 (beta 2) between Linear(student
     output) and the teacher's block-k output through a LayerNorm without affine parameters.
 
@@ -39,11 +40,11 @@ method reads, and only a block whose attention is read leaves the fused attentio
 Commands (the built-in synthetic data is used when --data_path is not given):
     # a ViT-Small MAE teacher, then a ViT-Tiny student with each method (CPU, minutes)
     python mae_pretrain.py --model mae_vit_small --decoder_embed_dim 128 --decoder_depth 2 \\
-        --decoder_num_heads 4 --input_size 32 --patch_size 4 --epochs 10 --warmup_epochs 1 \\
-        --blr 1.5e-3 --output_dir runs/teacher_small
+        --decoder_num_heads 4 --input_size 32 --patch_size 4 --synthetic_samples 512 \\
+        --batch_size 64 --epochs 4 --warmup_epochs 1 --blr 1.5e-3 --output_dir runs/teacher_small
     python distill_pretrain.py --method relation --teacher runs/teacher_small/checkpoint.pth \\
-        --input_size 32 --patch_size 4 --epochs 5 --warmup_epochs 1 --blr 1.5e-3 \\
-        --output_dir runs/distill_relation            # or --method attn / amd / feature
+        --input_size 32 --patch_size 4 --synthetic_samples 512 --batch_size 64 --epochs 4 \\
+        --warmup_epochs 1 --blr 1.5e-3 --output_dir runs/distill_relation   # or attn / amd / feature
     # one GPU: D-MAE-Tiny from the official MAE-Base, batch 4096 = 256 x 16 accumulation
     python distill_pretrain.py --method attn --teacher mae_pretrain_vit_base.pth --model vit_tiny \\
         --num_heads 12 --data_path /data/imagenet --batch_size 256 --accum_iter 16 --epochs 400 \\
@@ -64,7 +65,8 @@ Where this differs from the official code:
 - TinyMIM: log_softmax on both sides (the official .log() of a softmax underflows in fp16);
   vit.py's linear drop-path ramp 0 -> 0.1 (the official gives every block but the last 0.1);
   a teacher that is itself a relation student keeps its recorded last-block head count (the
-  official rebuilds it with uniform heads).
+  official rebuilds it with uniform heads, as --teacher_num_heads N does here). Its last block
+  was trained only up to q/k/v, so amd / feature at that block are refused.
 - AMD: images, not video. Image mask ratios are not in the released code: the defaults 0.75 /
   0.5 are our choice (video: 0.90 / 0.75). The cls token is not aligned (the video ViTs have
   none). The generators' mask tokens are registered parameters (the official list is never
@@ -126,10 +128,11 @@ def get_args_parser():
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", required=True, help="checkpoint: any format util reads")
     g.add_argument("--teacher_model", default=None, choices=list(VIT_PRESETS),
-                   help="the teacher's architecture (default: read from the weights)")
+                   help="the teacher's preset: its width and depth must match the weights, its head "
+                        "count is used unless the checkpoint records one (default: all from the weights)")
     g.add_argument("--teacher_num_heads", type=int, default=None,
-                   help="the teacher's head count (not visible in the weights; default: as the "
-                        "checkpoint records it, else the width's usual count)")
+                   help="the teacher's head count in every block (not visible in the weights; default: "
+                        "as the checkpoint records it, else the width's usual count)")
     g.add_argument("--teacher_layer", type=int, default=None,
                    help="1-based teacher block to distil (default: the last; 18 of 24 for relation)")
     g.add_argument("--student_layers", type=int, nargs="+", default=None,
@@ -325,19 +328,24 @@ def build_teacher(args, student_patch, device):
                                     num_classes=0, embed_dim=cfg["embed_dim"], depth=cfg["depth"],
                                     num_heads=heads, mlp_ratio=cfg["mlp_ratio"],
                                     global_pool=cfg["global_pool"],
-                                    last_block_heads=saved.get("last_block_heads"))
+                                    last_block_heads=None if args.teacher_num_heads
+                                    else saved.get("last_block_heads"))
     except ValueError as e:
         raise util.CheckpointError(f"{path}: {e}") from None
-    print0(f"teacher {path}: width {cfg['embed_dim']}, {cfg['depth']} blocks, patch {p}, "
+    print0(f"teacher {path} ({args.teacher_model or 'read from the weights'}): width "
+           f"{cfg['embed_dim']}, {cfg['depth']} blocks, patch {p}, "
            f"{heads} heads ({source})" + (f", last block {teacher.config['last_block_heads']} heads"
                                           if teacher.config["last_block_heads"] else ""))
     util.load_pretrained(teacher, obj, allow_missing=(), name=path)
+    # A relation student trained its last block only up to q, k, v (its proj, MLP, norm are at init).
+    run_args = obj.get("args") if isinstance(obj, dict) else None
+    teacher.last_output_untrained = isinstance(run_args, dict) and run_args.get("method") == "relation"
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def resolve_layers(args, student_depth, teacher_depth):
+def resolve_layers(args, student_depth, teacher):
     """Fill in the default layers (saved with the run's args) and check them, before training."""
-    D, d = teacher_depth, student_depth
+    D, d = teacher.depth, student_depth
     if args.method == "amd":
         args.student_layers = args.student_layers or sorted({max(d // 2, 1), d})
         args.teacher_layers = args.teacher_layers or sorted({max(D // 2, 1), D})
@@ -353,6 +361,10 @@ def resolve_layers(args, student_depth, teacher_depth):
         needed = [args.teacher_layer]
     if not all(1 <= k <= D for k in needed):
         raise util.CheckpointError(f"{args.teacher}: has {D} blocks, cannot give block(s) {needed}")
+    reads_output = args.method in ("amd", "feature")  # attn, relation read only its q, k, v
+    if reads_output and D in needed and getattr(teacher, "last_output_untrained", False):
+        raise util.CheckpointError(f"{args.teacher}: a relation student, whose last block was trained "
+                                   f"only up to its q/k/v: its output is no target; pick a block < {D}")
 
 
 # ----------------------------------------------------------------------------
@@ -370,7 +382,8 @@ class Distiller(nn.Module):
 
 
 class AttentionDistiller(Distiller):
-    """MAE-Lite D-MAE: MAE pixel loss + w * attention-logit loss at the last layers."""
+    """MAE-Lite D-MAE: MAE pixel loss + w * attention-logit loss, student's last block vs
+    teacher block k."""
 
     def __init__(self, student, teacher_heads, teacher_layer, mask_ratio, weight=1.0):
         super().__init__(student, AttentionDistillLoss(student.config["num_heads"], teacher_heads))
@@ -549,7 +562,7 @@ def main(args):
     loader = util.build_train_loader(dataset, args, dinfo)
 
     teacher = build_teacher(args, patch, device)  # a teacher that does not fit stops here
-    resolve_layers(args, VIT_PRESETS[args.model]["depth"], teacher.depth)
+    resolve_layers(args, VIT_PRESETS[args.model]["depth"], teacher)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, teacher).to(device)
     n_params = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
@@ -567,7 +580,8 @@ def main(args):
 
     net = model  # the teacher stays outside DDP: it is an argument of forward
     if dinfo.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[dinfo.local_rank] if device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[dinfo.local_rank] if device.type == "cuda"
+                                      else None)
     if args.compile:
         net = torch.compile(net)
     step = (partial(two_view_step, teacher=teacher, device=device) if two_views else

@@ -195,6 +195,17 @@ def test_relation_student_last_block_has_the_teachers_head_count():
     assert qkv_last[0].shape == (1, 4, 17, 32 // 4)  # head_dim = student width / teacher heads
 
 
+def test_the_truncated_teacher_gives_the_relations_of_the_full_forwards_block_k():
+    teacher = tiny_teacher(depth=4)
+    model = tiny_distiller("relation", teacher).eval()  # reads teacher block 2 of 4
+    x = torch.randn(B, 3, 32, 32)
+    with torch.no_grad():
+        loss, _ = model(x, x, teacher)
+        full = teacher.encode(teacher.embed(x), qkv=(2,)).qkv[2]  # all four blocks run
+        student = model.student.encode(model.student.embed(x), qkv=(2,)).qkv[2]
+    assert loss.item() == pytest.approx(dp.relation_loss(student, full).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("method, blocks_run", [("attn", [1, 2, 3]), ("relation", [1]),
                                                 ("amd", [1, 2, 3]), ("feature", [1, 2])])
 def test_the_teacher_never_runs_past_the_deepest_block_the_method_reads(method, blocks_run):
@@ -244,7 +255,8 @@ def runs(teacher_ckpt, tmp_path_factory):
     out = {}
     for method in dp.METHODS:
         out[method] = tmp_path_factory.mktemp(method)
-        dp.main(parse(dp, ["--method", method, "--teacher", teacher_ckpt, *RUN, "--output_dir", out[method]]))
+        dp.main(parse(dp, ["--method", method, "--teacher", teacher_ckpt, *RUN,
+                           "--output_dir", out[method]]))
     return out
 
 
@@ -280,6 +292,15 @@ def test_a_distilled_checkpoint_is_the_next_teacher_with_its_recorded_head_count
     assert (teacher.config["num_heads"], teacher.config["last_block_heads"]) == (3, 6)
     weights = util.load_checkpoint(src)["model"]
     assert all(torch.equal(v, weights["student." + k]) for k, v in teacher.state_dict().items())
+    args.teacher_num_heads = 3  # uniform heads, as the official TinyMIM rebuilds its teachers
+    assert dp.build_teacher(args, 8, torch.device("cpu")).config["last_block_heads"] is None
+
+
+def test_a_relation_students_last_block_output_is_refused_as_a_feature_target(runs, tmp_path):
+    args = parse(dp, ["--method", "feature", "--teacher", runs["relation"] / "checkpoint.pth", *RUN,
+                      "--output_dir", tmp_path])
+    with pytest.raises(util.CheckpointError, match="trained only up to its q/k/v"):
+        dp.main(args)
 
 
 def test_a_relation_run_resumes_strictly_with_its_frozen_parameters(runs, teacher_ckpt, tmp_path,
@@ -348,8 +369,10 @@ def test_a_teacher_that_does_not_fit_stops_before_training_naming_file_and_reaso
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--method", "relation", "--teacher_mask_ratio", "0.3"], "--teacher_mask_ratio is for --method amd, not relation"),
-    (["--method", "amd", "--teacher_mask_ratio", "0.75"], "--teacher_mask_ratio 0.75 must keep more of the 4 patches"),
+    (["--method", "relation", "--teacher_mask_ratio", "0.3"],
+     "--teacher_mask_ratio is for --method amd, not relation"),
+    (["--method", "amd", "--teacher_mask_ratio", "0.75"],
+     "--teacher_mask_ratio 0.75 must keep more of the 4 patches"),
 ])
 def test_flags_that_cannot_work_are_refused_at_start(tmp_path, flags, message):
     with pytest.raises(util.ConfigError) as e:
