@@ -260,9 +260,10 @@ def save_training_state(args, model, optimizer, scaler, epoch):
 WRAPPER_KEYS = ("model", "module", "state_dict", "model_state")
 # Key prefixes, tried in this order: the first under which patch_embed.proj.weight
 # exists wins. MAE-Lite: module.model.; MoCo v3: module.base_encoder.; AMD/VideoMAE:
-# encoder. or backbone.; DDP: module.; torch.compile's _orig_mod. is removed everywhere.
+# encoder. or backbone.; DDP: module.; this project's distilled students: student.;
+# torch.compile's _orig_mod. is removed everywhere.
 PREFIXES = ("", "module.", "model.", "module.model.", "encoder.", "backbone.",
-            "module.encoder.", "module.backbone.", "module.base_encoder.", "base_encoder.")
+            "module.encoder.", "module.backbone.", "module.base_encoder.", "base_encoder.", "student.")
 
 
 def read_state_dict(path_or_obj, name=None):

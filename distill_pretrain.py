@@ -1,0 +1,603 @@
+"""Distillation during pre-training: a lightweight ViT learns from a frozen, bigger MIM teacher.
+
+Three methods and one baseline, one flag apart (--method). The teacher is any ViT checkpoint
+util can read (official MAE, timm, this project's MAE and distilled students).
+
+attn -- MAE-Lite's D-MAE (Wang et al., ICML 2023). The student is an MAE (mask 0.75, norm-pix
+    loss, a 96-wide 1-block decoder); the teacher encodes the SAME kept tokens. The student's
+    last-layer attention logits, mixed from Hs to Ht heads by a learned 1x1 map W, regress the
+    teacher's:   A = q k^T / sqrt(d)  (B, H, 1+n, 1+n)
+                 loss = pixel + w * mean_{b,t,i,j} (sum_h W[t,h] A_s[b,h,i,j] - A_t[b,t,i,j])^2
+relation -- TinyMIM (Ren et al., CVPR 2023). Both see the full image (colour jitter on the
+    student's view only); no pixel loss. From the student's last block and the teacher's block k
+    (18 of a 24-block teacher), per head, with each side's own head_dim d:
+                 R_qk = softmax(Q K^T / sqrt(d)),   R_vv = softmax(V V^T / sqrt(d))
+                 loss = KL(R_qk^T || R_qk^S) + KL(R_vv^T || R_vv^S)   (sum over keys; mean over
+                        batch, heads, queries)
+    The student's last block has the teacher's head count (head_dim = Ds / Ht), so heads pair
+    up one to one. Only that block's q, k, v are used: its attn.proj, norm2, mlp and the final
+    norm would get no gradient, so they are frozen (requires_grad False) and DDP needs no
+    find_unused_parameters. They stay at their initial values; fine-tuning trains them.
+amd -- AMD (Zhao et al., CVPR 2024). One permutation per sample: the student keeps the first
+    25% of the patches, the teacher the first 50% (a superset: it sees the "extra" 25% too).
+    Student blocks {d/2, d} align to teacher blocks {D/2, D}, each with a bias-free projector P_l:
+                 direct_l = MSE(P_l s_l, t_l[visible])
+                 gen_l    = MSE(G_l([P_l s_l + pos ; m_l + pos])[extra], t_l[extra])
+                 loss = pixel + w * (mean_l direct_l + mean_l gen_l)
+    s_l, t_l: raw block outputs (no norm, as the official code); G_l: 2 blocks at the
+    teacher's width; m_l: a learned mask token; pos: fixed sin-cos.
+feature -- TinyMIM's feature-distillation baseline: smooth-L1 (beta 2) between Linear(student
+    output) and the teacher's block-k output through a LayerNorm without affine parameters.
+
+Everything that trains is one module saved under 'model': the student under 'student.' (so
+the file loads as a plain ViT backbone for fine-tuning and as the next teacher, B -> S -> T,
+through util.load_pretrained) and the method's own parts under 'distill.' (dropped, and
+reported as unexpected, when loaded as a backbone). The teacher is an argument of forward,
+never a submodule: it is not saved, not trained and not wrapped in DDP. It runs in eval mode
+under no_grad and the student's autocast (bf16 on CUDA), stops after the deepest block the
+method reads, and only a block whose attention is read leaves the fused attention kernel.
+
+Commands (the built-in synthetic data is used when --data_path is not given):
+    # a ViT-Small MAE teacher, then a ViT-Tiny student with each method (CPU, minutes)
+    python mae_pretrain.py --model mae_vit_small --decoder_embed_dim 128 --decoder_depth 2 \\
+        --decoder_num_heads 4 --input_size 32 --patch_size 4 --synthetic_samples 512 \\
+        --batch_size 64 --epochs 4 --warmup_epochs 1 --blr 1.5e-3 --output_dir runs/teacher_small
+    python distill_pretrain.py --method relation --teacher runs/teacher_small/checkpoint.pth \\
+        --input_size 32 --patch_size 4 --synthetic_samples 512 --batch_size 64 --epochs 4 \\
+        --warmup_epochs 1 --blr 1.5e-3 --output_dir runs/distill_relation   # or attn / amd / feature
+    # one GPU: D-MAE-Tiny from the official MAE-Base, batch 4096 = 256 x 16 accumulation
+    python distill_pretrain.py --method attn --teacher mae_pretrain_vit_base.pth --model vit_tiny \\
+        --num_heads 12 --data_path /data/imagenet --batch_size 256 --accum_iter 16 --epochs 400 \\
+        --warmup_epochs 40 --min_crop_scale 0.08
+    # 8 GPUs: TinyMIM-B from MAE-L (block 18 of 24), 300 epochs, batch 4096 = 512 x 8
+    torchrun --nproc_per_node=8 distill_pretrain.py --method relation \\
+        --teacher mae_pretrain_vit_large.pth --model vit_base --data_path /data/imagenet \\
+        --batch_size 512 --epochs 300 --warmup_epochs 15 --blr 1.5e-4
+    # 8 GPUs: AMD ViT-S from MAE-B (grad clip 0.02 from AMD's video recipe)
+    torchrun --nproc_per_node=8 distill_pretrain.py --method amd --teacher mae_pretrain_vit_base.pth \\
+        --model vit_small --data_path /data/imagenet --batch_size 512 --clip_grad 0.02
+
+Expected (ImageNet-1K top-1 after fine-tuning, PAPERS.md section 9): D-MAE-Tiny 78.4 (MAE-Tiny
+78.0); TinyMIM T / S / B 75.8 / 83.0 / 85.0 (their MAE baselines 71.6 / 80.6 / 83.6); AMD ViT-S /
+ViT-B 82.1 / 84.6.
+
+Where this differs from the official code:
+- TinyMIM: log_softmax on both sides (the official .log() of a softmax underflows in fp16);
+  vit.py's linear drop-path ramp 0 -> 0.1 (the official gives every block but the last 0.1);
+  a teacher that is itself a relation student keeps its recorded last-block head count (the
+  official rebuilds it with uniform heads, as --teacher_num_heads N does here). Its last block
+  was trained only up to q/k/v, so amd / feature at that block are refused.
+- AMD: images, not video. Image mask ratios are not in the released code: the defaults 0.75 /
+  0.5 are our choice (video: 0.90 / 0.75). The cls token is not aligned (the video ViTs have
+  none). The generators' mask tokens are registered parameters (the official list is never
+  trained or saved), and the generator has no final norm (the official one is never used).
+  Layers are averaged, as the code does (the paper sums).
+- MAE-Lite: the head mixer is a Linear(Hs, Ht) applied by einsum, the same map as the
+  official Conv2d(Hs, Ht, 1) with the same default init. --teacher_layer picks the teacher's
+  block for a teacher of another depth (the official takes the same index).
+- Crops, colour jitter and masks come from each sample's own seed (util), so a run is the same
+  on 1 or N GPUs and a resumed run continues exactly.
+"""
+import argparse
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import util
+from mae_pretrain import MaskedAutoencoderViT, random_masking
+from util import print0
+from vit import VIT_PRESETS, Block, VisionTransformer, gather_tokens, sincos_pos_embed
+
+METHODS = ("attn", "relation", "amd", "feature")
+# Flags that only some methods read: giving one to another method is an error, not a no-op.
+METHOD_FLAGS = {"mask_ratio": ("attn", "amd"), "norm_pix_loss": ("attn", "amd"),
+                "decoder_embed_dim": ("attn", "amd"), "decoder_depth": ("attn", "amd"),
+                "decoder_num_heads": ("attn", "amd"), "distill_weight": ("attn", "amd"),
+                "drop_path": ("relation", "feature"), "color_jitter": ("relation", "feature"),
+                "teacher_layer": ("attn", "relation", "feature"), "student_layers": ("amd",),
+                "teacher_layers": ("amd",), "teacher_mask_ratio": ("amd",)}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Distillation during pre-training",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("student")
+    g.add_argument("--method", required=True, choices=METHODS,
+                   help="attn: MAE-Lite, relation: TinyMIM, amd: AMD, feature: TinyMIM's baseline")
+    g.add_argument("--model", default="vit_tiny", choices=list(VIT_PRESETS), help="the student")
+    g.add_argument("--input_size", type=int, default=224)
+    g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
+    g.add_argument("--num_heads", type=int, default=None,
+                   help="override the student's head count (MAE-Lite's tiny: 12, TinyMIM's: 6)")
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="the student's (attn, amd)")
+    g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="normalized-pixel MAE loss (attn, amd)")
+    g.add_argument("--decoder_embed_dim", type=int, default=96, help="MAE-Lite's (attn, amd)")
+    g.add_argument("--decoder_depth", type=int, default=1, help="(attn, amd)")
+    g.add_argument("--decoder_num_heads", type=int, default=3, help="(attn, amd)")
+    g.add_argument("--drop_path", type=float, default=0.1,
+                   help="the student's stochastic depth (relation, feature); the teacher has none")
+    g.add_argument("--min_crop_scale", type=float, default=0.2,
+                   help="RandomResizedCrop scale=(min, 1): 0.2 MAE/TinyMIM, 0.08 MAE-Lite tiny")
+    g.add_argument("--color_jitter", type=float, default=0.4,
+                   help="brightness/contrast/saturation jitter of the student's view (relation, feature)")
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", required=True, help="checkpoint: any format util reads")
+    g.add_argument("--teacher_model", default=None, choices=list(VIT_PRESETS),
+                   help="the teacher's preset: its width and depth must match the weights, its head "
+                        "count is used unless the checkpoint records one (default: all from the weights)")
+    g.add_argument("--teacher_num_heads", type=int, default=None,
+                   help="the teacher's head count in every block (not visible in the weights; default: "
+                        "as the checkpoint records it, else the width's usual count)")
+    g.add_argument("--teacher_layer", type=int, default=None,
+                   help="1-based teacher block to distil (default: the last; 18 of 24 for relation)")
+    g.add_argument("--student_layers", type=int, nargs="+", default=None,
+                   help="student blocks to align (amd; default: d/2 and d)")
+    g.add_argument("--teacher_layers", type=int, nargs="+", default=None,
+                   help="teacher blocks they align to (amd; default: D/2 and D)")
+    g.add_argument("--teacher_mask_ratio", type=float, default=0.5,
+                   help="the teacher's mask ratio, below --mask_ratio (amd)")
+    g.add_argument("--distill_weight", type=float, default=1.0,
+                   help="weight of the distillation loss added to the pixel loss (attn, amd)")
+    util.add_optim_args(p, batch_size=64, epochs=300, warmup_epochs=15, blr=1.5e-4, weight_decay=0.05)
+    util.add_data_args(p)
+    util.add_run_args(p, output_dir="runs/distill")
+    return p
+
+
+# ----------------------------------------------------------------------------
+# Losses (each copyable on its own)
+
+
+def relation_terms(student, teacher):
+    """TinyMIM's Q-K and V-V relation losses.
+
+    student, teacher: (q, k, v) tuples, each tensor (B, heads, N, head_dim); B, heads and N
+    must match, head_dim may differ. R = softmax(A B^T / sqrt(head_dim)) over keys, per head.
+    Returns (KL(R_qk^t || R_qk^s), KL(R_vv^t || R_vv^s)), each summed over keys and averaged
+    over batch x heads x queries. log_softmax on both sides: no log of an underflowed 0.
+    """
+    (sq, sk, sv), (tq, tk, tv) = student, teacher
+    if sq.shape[:3] != tq.shape[:3]:
+        raise ValueError(f"student and teacher q must agree in (B, heads, N): "
+                         f"{tuple(sq.shape[:3])} vs {tuple(tq.shape[:3])}")
+
+    def log_relation(a, b):  # (B, h, N, d), (B, h, N, d) -> (B, h, N, N) log-probabilities
+        return F.log_softmax(a @ b.transpose(-2, -1) * a.shape[-1] ** -0.5, dim=-1)
+
+    def kl(log_s, log_t):  # sum_j p_t (log p_t - log p_s), then the mean over (B, h, N)
+        return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1).mean()
+
+    return (kl(log_relation(sq, sk), log_relation(tq, tk)),
+            kl(log_relation(sv, sv), log_relation(tv, tv)))
+
+
+def relation_loss(student, teacher):
+    """TinyMIM's relation distillation loss: Q-K KL + V-V KL (see relation_terms) -> scalar."""
+    qk, vv = relation_terms(student, teacher)
+    return qk + vv
+
+
+class AttentionDistillLoss(nn.Module):
+    """MAE-Lite's attention distillation with a learned mixing over heads.
+
+    student: (B, Hs, N, N) pre-softmax logits q k^T / sqrt(d); teacher: (B, Ht, N, N).
+        loss = mean_{b,t,i,j} (sum_h W[t, h] * student[b, h, i, j] - teacher[b, t, i, j])^2
+    W (Ht, Hs) has no bias: a 1x1 convolution over the head axis.
+    """
+
+    def __init__(self, student_heads, teacher_heads):
+        super().__init__()
+        self.mix = nn.Linear(student_heads, teacher_heads, bias=False)
+
+    def forward(self, student, teacher):
+        mixed = torch.einsum("b h n m, t h -> b t n m", student, self.mix.weight)
+        return F.mse_loss(mixed, teacher)
+
+
+class FeatureGenerator(nn.Module):
+    """AMD's generator for one aligned layer: `depth` ViT blocks at the teacher's width D
+    (D/64 heads) that see the projected student tokens and a mask token at each extra
+    position, both with fixed sin-cos positions, and predict the teacher's features there.
+
+    visible (B, ns, D), pos_visible (B, ns, D), pos_extra (B, ne, D) -> (B, ne, D)
+    """
+
+    def __init__(self, dim, depth=2, mlp_ratio=4.0):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # registered: trained and saved
+        self.blocks = nn.ModuleList(Block(dim, max(1, dim // 64), mlp_ratio) for _ in range(depth))
+        self.blocks.apply(VisionTransformer.init_module)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, visible, pos_visible, pos_extra):
+        x = torch.cat([visible + pos_visible, self.mask_token + pos_extra], dim=1)  # (B, ns+ne, D)
+        for blk in self.blocks:
+            x, _ = blk(x)
+        return x[:, visible.shape[1]:]
+
+
+class AMDAlignment(nn.Module):
+    """AMD's multi-layer alignment: per aligned layer l, a bias-free projector P_l (Ds -> Dt)
+    shared by a direct and a generation loss, and a FeatureGenerator G_l.
+
+    student: list of (B, ns, Ds) student block outputs at the student-visible patches
+    teacher: list of (B, ns + ne, Dt) teacher block outputs at [student-visible ; extra]
+    ids_visible (B, ns), ids_extra (B, ne): patch indices (their sin-cos positions)
+        direct = mean_l MSE(P_l s_l, t_l[:, :ns])
+        gen    = mean_l MSE(G_l(P_l s_l, pos[ids_visible], pos[ids_extra]), t_l[:, ns:])
+    Returns (direct, gen).
+    """
+
+    def __init__(self, student_dim, teacher_dim, num_layers, grid_size, generator_depth=2,
+                 mlp_ratio=4.0):
+        super().__init__()
+        self.projectors = nn.ModuleList(nn.Linear(student_dim, teacher_dim, bias=False)
+                                        for _ in range(num_layers))
+        self.projectors.apply(VisionTransformer.init_module)
+        self.generators = nn.ModuleList(FeatureGenerator(teacher_dim, generator_depth, mlp_ratio)
+                                        for _ in range(num_layers))
+        self.register_buffer("pos", sincos_pos_embed(teacher_dim, grid_size, cls_token=False),
+                             persistent=False)  # (L, Dt), fixed
+
+    def forward(self, student, teacher, ids_visible, ids_extra):
+        ns = ids_visible.shape[1]
+        direct, gen = [], []
+        for s, t, proj, generator in zip(student, teacher, self.projectors, self.generators):
+            s = proj(s)  # (B, ns, Dt)
+            direct.append(F.mse_loss(s, t[:, :ns]))
+            pred = generator(s, self.pos[ids_visible], self.pos[ids_extra])  # (B, ne, Dt)
+            gen.append(F.mse_loss(pred, t[:, ns:]))
+        return torch.stack(direct).mean(), torch.stack(gen).mean()
+
+
+class FeatureDistillLoss(nn.Module):
+    """TinyMIM's feature-distillation baseline.
+
+    student (B, N, Ds) final normalized tokens; teacher (B, N, Dt) block-k output.
+        loss = smooth_l1_beta2(Linear(student), LayerNorm_no_affine(teacher))
+    """
+
+    def __init__(self, student_dim, teacher_dim):
+        super().__init__()
+        self.head = nn.Linear(student_dim, teacher_dim)
+        VisionTransformer.init_module(self.head)
+
+    def forward(self, student, teacher):
+        target = F.layer_norm(teacher.float(), teacher.shape[-1:], eps=1e-6)
+        return F.smooth_l1_loss(self.head(student).float(), target, beta=2.0)
+
+
+def asymmetric_masking(batch_size, num_patches, student_ratio, teacher_ratio, generator=None,
+                       noise=None):
+    """AMD's masks: one random permutation per sample (argsort of uniform noise, small first,
+    as MAE's random_masking) cut twice. The student keeps int(L * (1 - r_s)) patches, the
+    teacher int(L * (1 - r_t)) > that: the student's and then the extra ones.
+
+    noise: optional (B, L) (e.g. util.per_sample_uniform); else drawn with `generator`.
+    Returns (student_keep (B, ns), teacher_extra (B, nt - ns)), disjoint patch indices.
+    """
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ns, nt = int(num_patches * (1 - student_ratio)), int(num_patches * (1 - teacher_ratio))
+    return ids_shuffle[:, :ns], ids_shuffle[:, ns:nt]
+
+
+# ----------------------------------------------------------------------------
+# The teacher
+
+
+def heads_at(vit, layer):
+    """Head count of block `layer` (1-based): the adaptive last block may differ."""
+    cfg = vit.config
+    return cfg["last_block_heads"] if layer == vit.depth and cfg["last_block_heads"] else cfg["num_heads"]
+
+
+def build_teacher(args, student_patch, device):
+    """The frozen teacher: a plain ViT with the checkpoint's architecture at the student's
+    --input_size (util.load_pretrained interpolates pos_embed), every key checked."""
+    path = args.teacher
+    obj = util.load_checkpoint(path)  # one-line CheckpointError: missing, corrupt, unsafe
+    cfg = util.infer_vit_config(obj, name=path)  # ... or an unknown layout
+    saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
+    heads, source = cfg["num_heads"], ("recorded in the checkpoint" if not cfg["heads_inferred"]
+                                       else "the width's usual count; --teacher_num_heads to change")
+    if args.teacher_model:
+        preset = VIT_PRESETS[args.teacher_model]
+        for key in ("embed_dim", "depth", "patch_size"):
+            if key in preset and preset[key] != cfg[key]:
+                raise util.CheckpointError(f"{path}: {key} is {cfg[key]} in the weights, "
+                                           f"--teacher_model {args.teacher_model} has {preset[key]}")
+        if cfg["heads_inferred"]:
+            heads, source = preset["num_heads"], f"--teacher_model {args.teacher_model}"
+    if args.teacher_num_heads:
+        heads, source = args.teacher_num_heads, "--teacher_num_heads"
+    p = cfg["patch_size"]
+    if p != student_patch:  # the two must cut the image into the same tokens
+        raise util.CheckpointError(
+            f"{path}: patch size {p} does not fit the student's {student_patch}: at --input_size "
+            f"{args.input_size} they give different token grids (teacher and student must see "
+            f"the same patches)")
+    try:
+        teacher = VisionTransformer(img_size=args.input_size, patch_size=p, in_chans=cfg["in_chans"],
+                                    num_classes=0, embed_dim=cfg["embed_dim"], depth=cfg["depth"],
+                                    num_heads=heads, mlp_ratio=cfg["mlp_ratio"],
+                                    global_pool=cfg["global_pool"],
+                                    last_block_heads=None if args.teacher_num_heads
+                                    else saved.get("last_block_heads"))
+    except ValueError as e:
+        raise util.CheckpointError(f"{path}: {e}") from None
+    print0(f"teacher {path} ({args.teacher_model or 'read from the weights'}): width "
+           f"{cfg['embed_dim']}, {cfg['depth']} blocks, patch {p}, "
+           f"{heads} heads ({source})" + (f", last block {teacher.config['last_block_heads']} heads"
+                                          if teacher.config["last_block_heads"] else ""))
+    util.load_pretrained(teacher, obj, allow_missing=(), name=path)
+    # A relation student trained its last block only up to q, k, v (its proj, MLP, norm are at init).
+    run_args = obj.get("args") if isinstance(obj, dict) else None
+    teacher.last_output_untrained = isinstance(run_args, dict) and run_args.get("method") == "relation"
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def resolve_layers(args, student_depth, teacher):
+    """Fill in the default layers (saved with the run's args) and check them, before training."""
+    D, d = teacher.depth, student_depth
+    if args.method == "amd":
+        args.student_layers = args.student_layers or sorted({max(d // 2, 1), d})
+        args.teacher_layers = args.teacher_layers or sorted({max(D // 2, 1), D})
+        if len(args.student_layers) != len(args.teacher_layers):
+            raise util.ConfigError(f"--student_layers {args.student_layers} and --teacher_layers "
+                                   f"{args.teacher_layers} must pair up one to one")
+        if not all(1 <= k <= d for k in args.student_layers):
+            raise util.ConfigError(f"--student_layers {args.student_layers}: the student has {d} blocks")
+        needed = args.teacher_layers
+    else:
+        if args.teacher_layer is None:
+            args.teacher_layer = 18 if args.method == "relation" and D == 24 else D
+        needed = [args.teacher_layer]
+    if not all(1 <= k <= D for k in needed):
+        raise util.CheckpointError(f"{args.teacher}: has {D} blocks, cannot give block(s) {needed}")
+    reads_output = args.method in ("amd", "feature")  # attn, relation read only its q, k, v
+    if reads_output and D in needed and getattr(teacher, "last_output_untrained", False):
+        raise util.CheckpointError(f"{args.teacher}: a relation student, whose last block was trained "
+                                   f"only up to its q/k/v: its output is no target; pick a block < {D}")
+
+
+# ----------------------------------------------------------------------------
+# The methods: the student plus the method's trainable parts, in one module
+
+
+class Distiller(nn.Module):
+    """The student (saved as 'student.*') and the method's own trainable parts ('distill.*').
+    The teacher is passed to forward: never a submodule, so never saved, trained or in DDP."""
+
+    def __init__(self, student, distill=None):
+        super().__init__()
+        self.student, self.distill = student, distill
+        self.config = student.config  # saved as model_config: head counts are checked on load
+
+
+class AttentionDistiller(Distiller):
+    """MAE-Lite D-MAE: MAE pixel loss + w * attention-logit loss, student's last block vs
+    teacher block k."""
+
+    def __init__(self, student, teacher_heads, teacher_layer, mask_ratio, weight=1.0):
+        super().__init__(student, AttentionDistillLoss(student.config["num_heads"], teacher_heads))
+        self.teacher_layer, self.mask_ratio, self.weight = teacher_layer, mask_ratio, weight
+
+    def forward(self, imgs, noise, teacher):
+        s, k, d = self.student, self.teacher_layer, self.student.depth
+        x, mask, ids_restore = random_masking(s.embed(imgs), self.mask_ratio, noise)
+        ids_keep = ids_restore.argsort(dim=1)[:, :x.shape[1]]  # ids_shuffle's kept part
+        with torch.no_grad():  # the teacher encodes the same kept tokens
+            t = teacher.encode(gather_tokens(teacher.embed(imgs), ids_keep), attn=(k,),
+                               attn_logits=True, stop_at=k).attn[k]  # (B, Ht, 1+n, 1+n)
+        taps = s.encode(x, attn=(d,), attn_logits=True)
+        pixel = s.forward_loss(imgs, s.forward_decoder(taps.x, ids_restore), mask)
+        attn = self.distill(taps.attn[d], t)
+        return pixel + self.weight * attn, {"pixel": pixel, "attn": attn}
+
+
+class RelationDistiller(Distiller):
+    """TinyMIM: Q-K + V-V relation KL between the student's last block and teacher block k."""
+
+    def __init__(self, student, teacher_layer):
+        super().__init__(student)
+        self.teacher_layer = teacher_layer
+        last = student.blocks[-1]  # only its q, k, v are used: no gradient reaches the rest
+        for m in (last.attn.proj, last.norm2, last.mlp, student.norm):
+            m.requires_grad_(False)
+
+    def forward(self, student_view, teacher_view, teacher):
+        s, k, d = self.student, self.teacher_layer, self.student.depth
+        with torch.no_grad():
+            t = teacher.encode(teacher.embed(teacher_view), qkv=(k,), stop_at=k).qkv[k]
+        qkv = s.encode(s.embed(student_view), qkv=(d,), stop_at=d).qkv[d]  # skips block d's rest
+        qk, vv = relation_terms(qkv, t)
+        return qk + vv, {"qk": qk, "vv": vv}
+
+
+class AMDDistiller(Distiller):
+    """AMD: MAE pixel loss + w * (direct + generation alignment), asymmetric masks."""
+
+    def __init__(self, student, teacher_dim, student_layers, teacher_layers, mask_ratio,
+                 teacher_mask_ratio, weight=1.0):
+        super().__init__(student, AMDAlignment(student.embed_dim, teacher_dim, len(student_layers),
+                                               student.patch_embed.grid_size))
+        self.student_layers, self.teacher_layers = tuple(student_layers), tuple(teacher_layers)
+        self.mask_ratio, self.teacher_mask_ratio, self.weight = mask_ratio, teacher_mask_ratio, weight
+
+    def forward(self, imgs, noise, teacher):
+        s = self.student
+        keep, extra = asymmetric_masking(*noise.shape, self.mask_ratio, self.teacher_mask_ratio,
+                                         noise=noise)
+        with torch.no_grad():  # the teacher sees [student-visible ; extra] (+ cls, dropped below)
+            taps = teacher.encode(gather_tokens(teacher.embed(imgs), torch.cat([keep, extra], 1)),
+                                  layers=self.teacher_layers, stop_at=max(self.teacher_layers))
+            t = [taps.layers[k][:, 1:] for k in self.teacher_layers]  # (B, ns + ne, Dt)
+        x, mask, ids_restore = random_masking(s.embed(imgs), self.mask_ratio, noise)  # keeps `keep`
+        taps = s.encode(x, layers=self.student_layers)
+        pixel = s.forward_loss(imgs, s.forward_decoder(taps.x, ids_restore), mask)
+        direct, gen = self.distill([taps.layers[k][:, 1:] for k in self.student_layers], t, keep, extra)
+        return pixel + self.weight * (direct + gen), {"pixel": pixel, "direct": direct, "generation": gen}
+
+
+class FeatureDistiller(Distiller):
+    """TinyMIM's baseline: smooth-L1 between Linear(student output) and LN(teacher block k)."""
+
+    def __init__(self, student, teacher_dim, teacher_layer):
+        super().__init__(student, FeatureDistillLoss(student.embed_dim, teacher_dim))
+        self.teacher_layer = teacher_layer
+
+    def forward(self, student_view, teacher_view, teacher):
+        s, k = self.student, self.teacher_layer
+        with torch.no_grad():
+            t = teacher.encode(teacher.embed(teacher_view), layers=(k,), stop_at=k).layers[k]
+        return self.distill(s.encode(s.embed(student_view)).x, t), {}
+
+
+def build_model(args, teacher):
+    """The student for --method (an MAE for attn/amd, a plain ViT otherwise) in its Distiller.
+    Call resolve_layers first."""
+    preset = VIT_PRESETS[args.model]
+    arch = dict(img_size=args.input_size, patch_size=args.patch_size or preset.get("patch_size", 16),
+                embed_dim=preset["embed_dim"], depth=preset["depth"],
+                num_heads=args.num_heads or preset["num_heads"])
+    try:
+        if args.method in ("attn", "amd"):
+            student = MaskedAutoencoderViT(**arch, decoder_embed_dim=args.decoder_embed_dim,
+                                           decoder_depth=args.decoder_depth,
+                                           decoder_num_heads=args.decoder_num_heads,
+                                           norm_pix_loss=args.norm_pix_loss)
+        else:  # TinyMIM's student: fixed sin-cos positions, the adaptive last block for relation
+            last_heads = heads_at(teacher, args.teacher_layer) if args.method == "relation" else None
+            student = VisionTransformer(**arch, num_classes=0, drop_path_rate=args.drop_path,
+                                        pos_embed="sincos", last_block_heads=last_heads)
+    except ValueError as e:
+        raise util.ConfigError(f"student {args.model}: {e}") from None
+    if args.method == "attn":
+        return AttentionDistiller(student, heads_at(teacher, args.teacher_layer), args.teacher_layer,
+                                  args.mask_ratio, args.distill_weight)
+    if args.method == "relation":
+        return RelationDistiller(student, args.teacher_layer)
+    if args.method == "amd":
+        return AMDDistiller(student, teacher.embed_dim, args.student_layers, args.teacher_layers,
+                            args.mask_ratio, args.teacher_mask_ratio, args.distill_weight)
+    return FeatureDistiller(student, teacher.embed_dim, args.teacher_layer)
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+
+class TwoViews:
+    """TinyMIM's input: one crop + flip shared by both views, colour jitter on the student's
+    only. PIL image -> (2, C, H, W) tensor [student view, teacher view]."""
+
+    def __init__(self, input_size, min_scale=0.2, jitter=0.4):
+        from torchvision.transforms import v2
+        self.common = v2.Compose([
+            v2.RandomResizedCrop(input_size, scale=(min_scale, 1.0),
+                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip()])
+        self.jitter = v2.ColorJitter(jitter, jitter, jitter)
+        self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize(util.IMAGENET_MEAN, util.IMAGENET_STD)])
+
+    def __call__(self, img):
+        img = self.common(img)
+        return torch.stack([self.to_tensor(self.jitter(img)), self.to_tensor(img)])
+
+
+# ----------------------------------------------------------------------------
+# Training
+
+
+def masked_step(model, batch, *, teacher, num_patches, device):
+    """attn, amd: one image per sample; the mask noise comes from the sample's own seed."""
+    imgs, _, seeds = batch
+    noise = util.per_sample_uniform(seeds, num_patches, device)
+    return model(imgs.to(device, non_blocking=True), noise, teacher)
+
+
+def two_view_step(model, batch, *, teacher, device):
+    """relation, feature: (B, 2, C, H, W) -> the student's and the teacher's view."""
+    views = batch[0].to(device, non_blocking=True)
+    return model(views[:, 0], views[:, 1], teacher)
+
+
+def check_args(args):
+    util.check_common_args(args)
+    defaults = get_args_parser()
+    for flag, methods in METHOD_FLAGS.items():
+        if args.method not in methods and getattr(args, flag) != defaults.get_default(flag):
+            raise util.ConfigError(f"--{flag} is for --method {'/'.join(methods)}, not {args.method}")
+    for flag in ("mask_ratio", "teacher_mask_ratio"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise util.ConfigError(f"--{flag} must lie in [0, 1), got {getattr(args, flag)}")
+    patch = args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
+    if args.input_size % patch:
+        raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
+    L = (args.input_size // patch) ** 2
+    if args.method == "amd" and int(L * (1 - args.teacher_mask_ratio)) <= int(L * (1 - args.mask_ratio)):
+        raise util.ConfigError(f"--teacher_mask_ratio {args.teacher_mask_ratio} must keep more of the "
+                               f"{L} patches than --mask_ratio {args.mask_ratio}")
+    if not 0 < args.min_crop_scale <= 1:
+        raise util.ConfigError(f"--min_crop_scale must lie in (0, 1], got {args.min_crop_scale}")
+    return patch
+
+
+def main(args):
+    patch = check_args(args)
+    dinfo = util.init_distributed(args.device)
+    device = dinfo.device
+    two_views = args.method in ("relation", "feature")
+    transform = (TwoViews(args.input_size, args.min_crop_scale, args.color_jitter) if two_views
+                 else util.pretrain_transform(args.input_size, args.min_crop_scale))
+    dataset, _ = util.build_dataset(args, train=True, transform=transform)
+    loader = util.build_train_loader(dataset, args, dinfo)
+
+    teacher = build_teacher(args, patch, device)  # a teacher that does not fit stops here
+    resolve_layers(args, VIT_PRESETS[args.model]["depth"], teacher)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(args, teacher).to(device)
+    n_params = sum(p.numel() for p in model.student.parameters() if p.requires_grad)
+    n_extra = sum(p.numel() for p in model.parameters() if p.requires_grad) - n_params
+    layers = args.teacher_layers if args.method == "amd" else [args.teacher_layer]
+    print0(f"{args.method}: student {args.model} ({n_params / 1e6:.2f}M trainable + "
+           f"{n_extra / 1e6:.2f}M in the method's parts), teacher block(s) {layers}"
+           + (f" <- student block(s) {args.student_layers}" if args.method == "amd" else ""))
+    print0(f"{len(dataset)} training images, {len(loader) // args.accum_iter} steps per epoch")
+
+    util.effective_lr(args, dinfo.world_size)
+    optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
+    autocast, scaler = util.amp_setup(args.precision, device)
+    start_epoch = util.resume_checkpoint(args, model, optimizer, scaler)
+
+    net = model  # the teacher stays outside DDP: it is an argument of forward
+    if dinfo.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[dinfo.local_rank] if device.type == "cuda"
+                                      else None)
+    if args.compile:
+        net = torch.compile(net)
+    step = (partial(two_view_step, teacher=teacher, device=device) if two_views else
+            partial(masked_step, teacher=teacher, num_patches=model.student.num_patches, device=device))
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
+        util.save_training_state(args, model, optimizer, scaler, epoch)
+        util.log_stats(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in stats.items()
+                          if k not in ("lr", "img_per_s", "epoch_time_s", "peak_mem_mb"))
+        print0(f"epoch {epoch}: {terms}  lr {stats['lr']:.2e}  {stats['img_per_s']:.0f} img/s  "
+               f"peak {stats['peak_mem_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    util.run_main(main, get_args_parser())

@@ -1,0 +1,389 @@
+"""distill_pretrain.py: each loss against a hand computation, the masks, the teacher, and
+whole runs of every method from a teacher made by mae_pretrain.py."""
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill_pretrain as dp
+import mae_pretrain
+import util
+from conftest import error_line, run_script, run_torchrun
+from mae_pretrain import MaskedAutoencoderViT, random_masking
+from vit import VisionTransformer, gather_tokens, sincos_pos_embed
+
+B = 2
+
+
+def qkv(heads=3, n=5, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, heads, n, d, generator=g) for _ in range(3))
+
+
+# -- losses -----------------------------------------------------------------------
+
+
+def test_relation_loss_is_zero_when_the_student_has_the_teachers_relations():
+    t = qkv()
+    assert dp.relation_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relation_loss_is_positive_when_the_relations_differ():
+    assert dp.relation_loss(qkv(seed=1), qkv(seed=2)).item() > 0.01
+
+
+def test_relation_loss_is_the_kl_summed_over_keys_and_averaged_over_batch_heads_queries():
+    s, t = qkv(d=4, seed=1), qkv(d=6, seed=2)  # head_dim may differ: each side its own sqrt(d)
+
+    def kl(a_s, b_s, a_t, b_t):
+        rs = torch.softmax(a_s @ b_s.transpose(-1, -2) / 4 ** 0.5, -1)
+        rt = torch.softmax(a_t @ b_t.transpose(-1, -2) / 6 ** 0.5, -1)
+        per_query = (rt * (rt.log() - rs.log())).sum(-1)  # (B, heads, N)
+        return per_query.mean()
+
+    qk, vv = kl(s[0], s[1], t[0], t[1]), kl(s[2], s[2], t[2], t[2])
+    assert [x.item() for x in dp.relation_terms(s, t)] == pytest.approx([qk.item(), vv.item()], rel=1e-5)
+    assert dp.relation_loss(s, t).item() == pytest.approx((qk + vv).item(), rel=1e-5)
+
+
+def test_attention_loss_mixes_student_heads_with_a_bias_free_map_then_takes_the_mse():
+    torch.manual_seed(0)
+    loss = dp.AttentionDistillLoss(student_heads=3, teacher_heads=4)
+    s, t = torch.randn(B, 3, 5, 5), torch.randn(B, 4, 5, 5)
+    W = loss.mix.weight  # (Ht, Hs)
+    mixed = torch.stack([sum(W[j, h] * s[:, h] for h in range(3)) for j in range(4)], dim=1)
+    assert loss.mix.bias is None
+    assert loss(s, t).item() == pytest.approx(((mixed - t) ** 2).mean().item(), rel=1e-5)
+
+
+def test_amd_direct_and_generation_losses_match_a_hand_computation():
+    torch.manual_seed(0)
+    align = dp.AMDAlignment(student_dim=8, teacher_dim=64, num_layers=2, grid_size=4)
+    keep, extra = dp.asymmetric_masking(B, 16, 0.75, 0.5, torch.Generator().manual_seed(0))
+    ns, ne = keep.shape[1], extra.shape[1]
+    s = [torch.randn(B, ns, 8) for _ in range(2)]
+    t = [torch.randn(B, ns + ne, 64) for _ in range(2)]
+    pos = sincos_pos_embed(64, 4, cls_token=False)  # (16, 64): patch k's fixed position
+    direct, gen = [], []
+    for l in range(2):
+        p = s[l] @ align.projectors[l].weight.T
+        direct.append(((p - t[l][:, :ns]) ** 2).mean())
+        g = align.generators[l]
+        x = torch.cat([p + pos[keep], g.mask_token.expand(B, ne, 64) + pos[extra]], dim=1)
+        for blk in g.blocks:
+            x = blk(x)[0]
+        gen.append(((x[:, ns:] - t[l][:, ns:]) ** 2).mean())
+    got = align(s, t, keep, extra)
+    assert got[0].item() == pytest.approx(sum(direct).item() / 2, rel=1e-5)
+    assert got[1].item() == pytest.approx(sum(gen).item() / 2, rel=1e-5)
+
+
+def test_amd_generators_are_two_blocks_at_the_teacher_width_with_width_over_64_heads():
+    align = dp.AMDAlignment(student_dim=8, teacher_dim=128, num_layers=2, grid_size=4)
+    assert [len(g.blocks) for g in align.generators] == [2, 2]
+    assert align.generators[0].blocks[0].attn.num_heads == 2
+    assert all(p.bias is None and p.weight.shape == (128, 8) for p in align.projectors)
+
+
+def test_amd_mask_tokens_are_saved_parameters_that_get_a_gradient():
+    align = dp.AMDAlignment(student_dim=8, teacher_dim=64, num_layers=2, grid_size=4)
+    assert {"generators.0.mask_token", "generators.1.mask_token"} <= align.state_dict().keys()
+    keep, extra = dp.asymmetric_masking(B, 16, 0.75, 0.5)
+    _, gen = align([torch.randn(B, 4, 8)] * 2, [torch.randn(B, 8, 64)] * 2, keep, extra)
+    gen.backward()
+    assert all(g.mask_token.grad.abs().sum() > 0 for g in align.generators)
+
+
+def test_feature_loss_is_smooth_l1_beta_2_against_a_layer_norm_without_affine():
+    torch.manual_seed(0)
+    loss = dp.FeatureDistillLoss(student_dim=8, teacher_dim=6)
+    s, t = torch.randn(B, 5, 8), 3 * torch.randn(B, 5, 6) + 1
+    mean, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)
+    target = (t - mean) / torch.sqrt(var + 1e-6)
+    diff = (s @ loss.head.weight.T + loss.head.bias - target).abs()
+    expected = torch.where(diff < 2.0, 0.5 * diff ** 2 / 2.0, diff - 1.0).mean()
+    assert loss(s, t).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# -- asymmetric masks ---------------------------------------------------------------
+
+
+def test_asymmetric_masks_have_the_stated_counts_and_the_student_set_inside_the_teachers():
+    keep, extra = dp.asymmetric_masking(4, 49, 0.75, 0.5)
+    assert keep.shape == (4, int(49 * 0.25)) == (4, 12)
+    assert extra.shape == (4, int(49 * 0.5) - 12) == (4, 12)
+    for k, e in zip(keep.tolist(), extra.tolist()):
+        assert len(set(k)) == 12 and len(set(e)) == 12 and not set(k) & set(e)  # disjoint
+        assert all(0 <= i < 49 for i in k + e)
+
+
+def test_asymmetric_masks_differ_per_sample_and_repeat_with_the_same_generator():
+    keep, _ = dp.asymmetric_masking(8, 49, 0.75, 0.5, torch.Generator().manual_seed(3))
+    again, _ = dp.asymmetric_masking(8, 49, 0.75, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(keep, again)
+    assert len({tuple(sorted(row)) for row in keep.tolist()}) == 8
+
+
+def test_the_student_keeps_what_mae_random_masking_keeps_for_the_same_noise():
+    noise = torch.rand(3, 16)
+    tokens = torch.arange(16.0).expand(3, 16)[..., None]
+    kept, _, _ = random_masking(tokens, 0.75, noise)
+    keep, _ = dp.asymmetric_masking(3, 16, 0.75, 0.5, noise=noise)
+    assert torch.equal(kept[..., 0].long(), keep)
+
+
+# -- the methods on tiny models -------------------------------------------------------
+
+STUDENT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def tiny_teacher(depth=3):
+    torch.manual_seed(1)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=depth, num_heads=4,
+                             num_classes=0).eval().requires_grad_(False)
+
+
+def tiny_distiller(method, teacher):
+    torch.manual_seed(0)
+    if method in ("attn", "amd"):
+        student = MaskedAutoencoderViT(**STUDENT, decoder_embed_dim=16, decoder_depth=1,
+                                       decoder_num_heads=2, norm_pix_loss=True)
+    else:
+        student = VisionTransformer(**STUDENT, num_classes=0, pos_embed="sincos", drop_path_rate=0.1,
+                                    last_block_heads=4 if method == "relation" else None)
+    if method == "attn":
+        return dp.AttentionDistiller(student, 4, 3, 0.75)
+    if method == "relation":
+        return dp.RelationDistiller(student, 2)
+    if method == "amd":
+        return dp.AMDDistiller(student, 64, (1, 2), (2, 3), 0.75, 0.5)
+    return dp.FeatureDistiller(student, 64, 2)
+
+
+def run(model, teacher, imgs):
+    if model.__class__ in (dp.AttentionDistiller, dp.AMDDistiller):
+        return model(imgs, torch.rand(imgs.shape[0], 16), teacher)
+    return model(imgs, imgs.flip(-1), teacher)
+
+
+@pytest.mark.parametrize("method", dp.METHODS)
+def test_every_trainable_parameter_gets_a_gradient_and_the_teacher_none(method):
+    """What DDP without find_unused_parameters needs."""
+    teacher = tiny_teacher()
+    model = tiny_distiller(method, teacher).train()
+    loss, terms = run(model, teacher, torch.randn(B, 3, 32, 32))
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_relation_freezes_exactly_what_follows_the_last_blocks_qkv():
+    model = tiny_distiller("relation", tiny_teacher())
+    frozen = {n.split(".weight")[0].split(".bias")[0] for n, p in model.named_parameters()
+              if not p.requires_grad}
+    assert frozen == {"student.pos_embed", "student.blocks.1.attn.proj", "student.blocks.1.norm2",
+                      "student.blocks.1.mlp.fc1", "student.blocks.1.mlp.fc2", "student.norm"}
+
+
+def test_relation_student_last_block_has_the_teachers_head_count():
+    teacher = tiny_teacher()
+    model = tiny_distiller("relation", teacher)
+    qkv_last = model.student.encode(model.student.embed(torch.randn(1, 3, 32, 32)), qkv=(2,)).qkv[2]
+    assert [b.attn.num_heads for b in model.student.blocks] == [2, 4]
+    assert qkv_last[0].shape == (1, 4, 17, 32 // 4)  # head_dim = student width / teacher heads
+
+
+def test_the_truncated_teacher_gives_the_relations_of_the_full_forwards_block_k():
+    teacher = tiny_teacher(depth=4)
+    model = tiny_distiller("relation", teacher).eval()  # reads teacher block 2 of 4
+    x = torch.randn(B, 3, 32, 32)
+    with torch.no_grad():
+        loss, _ = model(x, x, teacher)
+        full = teacher.encode(teacher.embed(x), qkv=(2,)).qkv[2]  # all four blocks run
+        student = model.student.encode(model.student.embed(x), qkv=(2,)).qkv[2]
+    assert loss.item() == pytest.approx(dp.relation_loss(student, full).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("method, blocks_run", [("attn", [1, 2, 3]), ("relation", [1]),
+                                                ("amd", [1, 2, 3]), ("feature", [1, 2])])
+def test_the_teacher_never_runs_past_the_deepest_block_the_method_reads(method, blocks_run):
+    teacher = tiny_teacher(depth=4)  # attn reads block 3, relation block 2's q/k/v only,
+    model = tiny_distiller(method, teacher)  # amd blocks 2 and 3, feature block 2
+    ran = []
+    for i, blk in enumerate(teacher.blocks, start=1):
+        blk.mlp.register_forward_hook(lambda *a, i=i: ran.append(f"mlp{i}"))
+        blk.register_forward_hook(lambda *a, i=i: ran.append(i))
+    run(model, teacher, torch.randn(1, 3, 32, 32))
+    assert ran == [x for i in blocks_run for x in (f"mlp{i}", i)]
+
+
+# -- whole runs: a teacher from mae_pretrain.py, then each method ---------------------
+
+# 16x16 images in 2x2 patches of 8: a 12-block student and teacher stay cheap on a CPU.
+DATA = ["--input_size", "16", "--patch_size", "8", "--synthetic_samples", "32", "--num_workers", "0"]
+RUN = [*DATA, "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "0", "--lr", "1e-3"]
+
+
+def parse(module, argv):
+    return module.get_args_parser().parse_args([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose much on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A ViT-Small MAE (384 wide, 6 heads) made by mae_pretrain.py, for a ViT-Tiny student."""
+    out = tmp_path_factory.mktemp("teacher")
+    mae_pretrain.main(parse(mae_pretrain, [
+        "--model", "mae_vit_small", "--decoder_embed_dim", "32", "--decoder_depth", "1",
+        "--decoder_num_heads", "2", *DATA, "--synthetic_samples", "16", "--batch_size", "16",
+        "--epochs", "1", "--warmup_epochs", "0", "--output_dir", out]))
+    return out / "checkpoint.pth"
+
+
+@pytest.fixture(scope="module")
+def runs(teacher_ckpt, tmp_path_factory):
+    out = {}
+    for method in dp.METHODS:
+        out[method] = tmp_path_factory.mktemp(method)
+        dp.main(parse(dp, ["--method", method, "--teacher", teacher_ckpt, *RUN,
+                           "--output_dir", out[method]]))
+    return out
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, terms", [("attn", ["pixel", "attn"]), ("relation", ["qk", "vv"]),
+                                           ("amd", ["pixel", "direct", "generation"]), ("feature", [])])
+def test_each_method_lowers_its_distillation_loss_and_logs_each_term(runs, method, terms):
+    first, last = read_log(runs[method])
+    assert {f"train_{t}" for t in terms} <= first.keys()
+    distill = {"attn": ["attn"], "relation": ["loss"], "amd": ["direct", "generation"],
+               "feature": ["loss"]}[method]  # relation and feature have no pixel loss
+    for t in distill:
+        assert last[f"train_{t}"] < 0.9 * first[f"train_{t}"], t
+
+
+def test_a_distilled_checkpoint_loads_as_a_plain_vit_backbone(runs):
+    ckpt = util.load_checkpoint(runs["amd"] / "checkpoint.pth")
+    backbone = VisionTransformer(img_size=16, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                                 num_classes=8)
+    report = util.load_pretrained(backbone, ckpt, name="amd", verbose=False)
+    assert sorted(report.missing) == ["head.bias", "head.weight"]
+    assert any(k.startswith("distill.generators.") for k in report.unexpected)
+    assert all(torch.equal(backbone.state_dict()[k], ckpt["model"]["student." + k]) for k in report.loaded)
+
+
+def test_a_distilled_checkpoint_is_the_next_teacher_with_its_recorded_head_counts(runs, tmp_path):
+    src = runs["relation"] / "checkpoint.pth"  # sequential distillation: S -> T
+    args = parse(dp, ["--method", "relation", "--teacher", src, *RUN, "--output_dir", tmp_path])
+    teacher = dp.build_teacher(args, 8, torch.device("cpu"))
+    assert (teacher.config["num_heads"], teacher.config["last_block_heads"]) == (3, 6)
+    weights = util.load_checkpoint(src)["model"]
+    assert all(torch.equal(v, weights["student." + k]) for k, v in teacher.state_dict().items())
+    args.teacher_num_heads = 3  # uniform heads, as the official TinyMIM rebuilds its teachers
+    assert dp.build_teacher(args, 8, torch.device("cpu")).config["last_block_heads"] is None
+
+
+def test_a_relation_students_last_block_output_is_refused_as_a_feature_target(runs, tmp_path):
+    args = parse(dp, ["--method", "feature", "--teacher", runs["relation"] / "checkpoint.pth", *RUN,
+                      "--output_dir", tmp_path])
+    with pytest.raises(util.CheckpointError, match="trained only up to its q/k/v"):
+        dp.main(args)
+
+
+def test_a_relation_run_resumes_strictly_with_its_frozen_parameters(runs, teacher_ckpt, tmp_path,
+                                                                    capsys):
+    shutil.copytree(runs["relation"], tmp_path / "run")
+    dp.main(parse(dp, ["--method", "relation", "--teacher", teacher_ckpt, *RUN, "--epochs", "3",
+                       "--output_dir", tmp_path / "run"]))
+    assert "continuing at 2" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_log(tmp_path / "run")] == [0, 1, 2]
+
+
+def without_key_bias(state):
+    """The k third of each qkv bias gets a zero gradient in exact arithmetic (softmax ignores a
+    constant per query), so Adam turns rounding noise into lr-sized steps there: leave it out."""
+    return {k: torch.cat([v.chunk(3)[0], v.chunk(3)[2]]) if k.endswith("qkv.bias") else v
+            for k, v in state.items()}
+
+
+def test_two_processes_match_one_at_the_same_global_batch(teacher_ckpt, runs, tmp_path):
+    two = tmp_path / "two"
+    common = ["distill_pretrain.py", "--method", "amd", "--teacher", teacher_ckpt, *RUN]
+    proc = run_torchrun(2, *common, "--batch_size", "4", "--output_dir", two)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "effective batch 8 = 4 per process x 1 accumulation x 2 processes" in proc.stdout
+    for a, b in zip(read_log(runs["amd"]), read_log(two)):
+        for t in ("train_pixel", "train_direct", "train_generation"):
+            assert a[t] == pytest.approx(b[t], rel=1e-5)
+    one = without_key_bias(util.load_checkpoint(runs["amd"] / "checkpoint.pth")["model"])
+    got = without_key_bias(util.load_checkpoint(two / "checkpoint.pth")["model"])
+    assert max((one[k] - got[k]).abs().max().item() for k in one) < 1e-4
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+def bad_teacher(case, tmp_path, teacher_ckpt):
+    """-> (teacher path, extra flags) for each way a teacher can fail to fit."""
+    if case == "layer beyond its depth":
+        return teacher_ckpt, ["--teacher_layer", "13"]
+    path = tmp_path / f"{case.replace(' ', '_')}.pth"
+    if case == "patch size 4 for a patch-8 student":
+        torch.save({"model": VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=2,
+                                               num_heads=2, num_classes=0).state_dict()}, path)
+    elif case == "unknown layout":
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        path.write_bytes(b"not a checkpoint")
+    return path, []
+
+
+@pytest.mark.parametrize("case, message", [
+    ("patch size 4 for a patch-8 student", "patch size 4 does not fit the student's 8"),
+    ("layer beyond its depth", "has 12 blocks, cannot give block(s) [13]"),
+    ("unknown layout", "unknown layout"),
+    ("corrupt file", "not a PyTorch checkpoint or the file is corrupt"),
+])
+def test_a_teacher_that_does_not_fit_stops_before_training_naming_file_and_reason(
+        teacher_ckpt, tmp_path, case, message):
+    path, flags = bad_teacher(case, tmp_path, teacher_ckpt)
+    args = parse(dp, ["--method", "relation", "--teacher", path, *RUN, *flags,
+                      "--output_dir", tmp_path / "run"])
+    with pytest.raises(util.CheckpointError) as e:
+        dp.main(args)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "relation", "--teacher_mask_ratio", "0.3"],
+     "--teacher_mask_ratio is for --method amd, not relation"),
+    (["--method", "amd", "--teacher_mask_ratio", "0.75"],
+     "--teacher_mask_ratio 0.75 must keep more of the 4 patches"),
+])
+def test_flags_that_cannot_work_are_refused_at_start(tmp_path, flags, message):
+    with pytest.raises(util.ConfigError) as e:
+        dp.main(parse(dp, [*flags, "--teacher", tmp_path / "none.pth", *RUN]))
+    assert message in str(e.value)
+
+
+def test_a_corrupt_teacher_exits_non_zero_with_one_line(tmp_path):
+    (tmp_path / "torn.pth").write_bytes(b"garbage")
+    proc = run_script("distill_pretrain.py", "--method", "attn", "--teacher", tmp_path / "torn.pth",
+                      *RUN, "--output_dir", tmp_path / "run")
+    assert proc.returncode == 1
+    assert error_line(proc).startswith(f"error: {tmp_path / 'torn.pth'}: not a PyTorch checkpoint")
+    assert len(proc.stderr.strip().splitlines()) == 1
