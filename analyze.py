@@ -38,7 +38,7 @@ ln 196 = 5.278 nats. That entropy is the largest possible; the distance is a ref
 not a bound (a head that looks at far patches exceeds it).
 
 Commands (the built-in synthetic data is used when --data_path is not given):
-    # two checkpoints made with mae_pretrain.py's quick start (CPU, about a minute)
+    # the README's example: two mae_pretrain.py checkpoints at 32x32 (CPU, about a minute)
     python analyze.py runs/mae_tiny/checkpoint.pth runs/mae_small/checkpoint.pth \\
         --names MAE-Tiny MAE-Small --output_dir runs/analysis
     # MAE-Lite's comparison on ImageNet val: MAE student, distilled student, MAE-Base teacher
@@ -492,6 +492,8 @@ def main(args):
     labels = [file_label(n) for n in names]
     model_names = per_checkpoint(args.model, k, "model")
     heads = per_checkpoint(args.num_heads, k, "num_heads")
+    if any(h is not None and h < 0 for h in heads):
+        raise util.ConfigError(f"--num_heads must be positive (0: recorded or from the width), got {heads}")
     dinfo = util.init_distributed(args.device)
     if dinfo.world_size > 1:
         raise util.ConfigError("analyze.py runs in one process: start it with python, not torchrun")
