@@ -314,7 +314,7 @@ def build_vit(path, obj, cfg, args, model_name, heads):
     saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
     cfg = dict(cfg)
     if model_name:
-        cfg.update({k: v for k, v in VIT_PRESETS[model_name].items()}, heads_inferred=False)
+        cfg.update(VIT_PRESETS[model_name], heads_inferred=False)
     if args.patch_size:
         cfg["patch_size"] = args.patch_size
     if heads:
@@ -349,7 +349,7 @@ def analysis_loader(args):
     if n < 4:
         raise util.ConfigError(f"the {split} split has {len(ds)} images; HSIC_1 needs at least 4")
     g = torch.Generator().manual_seed(args.seed)
-    idx = sorted(torch.randperm(len(ds), generator=g)[:n].tolist()) if n < len(ds) else list(range(n))
+    idx = sorted(torch.randperm(len(ds), generator=g)[:n].tolist())  # all of them when n = len(ds)
     batches = [list(range(i, min(i + args.batch_size, n))) for i in range(0, n, args.batch_size)]
     if len(batches) > 1 and len(batches[-1]) < 4:  # HSIC_1 is undefined below 4 images
         tail = batches.pop()
@@ -395,7 +395,7 @@ def plot_cka(path, cka, names):
         ax.set_xlabel(f"{names[j]} layer", fontsize=8)
         ax.set_ylabel(f"{names[i]} layer", fontsize=8)
         ax.set_title(f"{names[i]} vs {names[j]}", fontsize=9)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85, label="minibatch linear CKA")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85, label="linear CKA (debiased, minibatch)")
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
