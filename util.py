@@ -236,16 +236,17 @@ def resume_checkpoint(args, model, optimizer, scaler=None):
     return 0
 
 
-def save_training_state(args, model, optimizer, scaler, epoch):
+def save_training_state(args, model, optimizer, scaler, epoch, extra=None):
     """Rank 0 writes <output_dir>/checkpoint.pth (always the latest complete epoch) and,
-    every --save_every epochs, a kept copy checkpoint-<epoch>.pth."""
+    every --save_every epochs, a kept copy checkpoint-<epoch>.pth. `extra`: more entries
+    for the same file (an EMA model, the best accuracy so far)."""
     if not is_main_process():
         return
     model = unwrap(model)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "epoch": epoch, "args": plain_args(args),
-             "model_config": getattr(model, "config", None)}
+             "model_config": getattr(model, "config", None), **(extra or {})}
     out = Path(args.output_dir)
     save_checkpoint(out / "checkpoint.pth", state)
     every = getattr(args, "save_every", 0)
