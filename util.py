@@ -65,6 +65,8 @@ def run_main(main, parser):
     try:
         main(args)
     except UserError as e:
+        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open by an error raised
+            bar.close()  # mid-epoch (a corrupt image) would otherwise share the message's line
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
