@@ -150,6 +150,21 @@ def test_fine_tuning_an_mae_checkpoint_beats_chance_and_keeps_the_best_epoch(tmp
     assert again["acc1"] == best and again["images"] == 24
 
 
+def test_resuming_restores_the_ema_and_the_best_accuracy_exactly(tmp_path, mae_checkpoint):
+    data = write_colour_folder(tmp_path / "colours", {"train": 4, "val": 1})
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--finetune", mae_checkpoint, "--data_path", data, "--epochs", "2", "--warmup_epochs", "1",
+              "--batch_size", "16", "--model_ema", "--model_ema_decay", "0.9"]
+    finetune.main(parse(*common, "--output_dir", a, "--save_every", "1"))
+    finetune.main(parse(*common, "--output_dir", b, "--resume", a / "checkpoint-0.pth"))
+    whole, resumed = (torch.load(d / "checkpoint.pth", map_location="cpu", weights_only=True) for d in (a, b))
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(whole[key][k], resumed[key][k]) for k in whole[key]), key
+    assert resumed["best_acc1"] == whole["best_acc1"] == max(r["test_acc1"] for r in read_log(a))
+    assert not torch.equal(whole["model_ema"]["head.weight"], whole["model"]["head.weight"])
+    assert "test_ema_acc1" in read_log(b)[0]
+
+
 def test_linear_probe_changes_only_the_head(tmp_path, mae_checkpoint):
     out = tmp_path / "probe"
     finetune.main(parse("--linprobe", "--finetune", mae_checkpoint, "--epochs", "1", "--warmup_epochs", "0",
