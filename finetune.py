@@ -193,16 +193,19 @@ def load_classifier(model, path):
     """--eval: the whole classifier (backbone, pooling norm and head) must be in the file.
     Only the model is read: an optimizer or argparse args next to it are ignored."""
     obj = util.load_checkpoint(path)
-    cfg = util.infer_vit_config(obj, name=path)
-    if cfg["global_pool"] != model.global_pool:
-        hint = "add --cls_token" if cfg["global_pool"] == "token" else "drop --cls_token"
-        raise util.CheckpointError(f"{path}: was trained with {cfg['global_pool']} pooling "
-                                   f"({'norm' if cfg['global_pool'] == 'token' else 'fc_norm'}); {hint}")
     sd = util.read_state_dict(obj, name=path)
     head = sd.get("head.weight", sd.get("head.1.weight"))
-    if head is not None and head.shape[0] != model.num_classes:
+    if head is None:
+        raise util.CheckpointError(f"{path}: has no classification head (a pre-trained encoder?); "
+                                   f"fine-tune it first: --finetune without --eval")
+    if head.shape[0] != model.num_classes:
         raise util.CheckpointError(f"{path}: its head has {head.shape[0]} classes, the dataset "
                                    f"has {model.num_classes}")
+    pool = util.infer_vit_config(obj, name=path)["global_pool"]
+    if pool != model.global_pool:
+        raise util.CheckpointError(f"{path}: was trained with {pool} pooling ("
+                                   f"{'norm' if pool == 'token' else 'fc_norm'}); "
+                                   f"{'add' if pool == 'token' else 'drop'} --cls_token")
     util.load_pretrained(model, obj, allow_missing=(), name=path)
 
 

@@ -248,12 +248,14 @@ def empty_folders(root):
      r"d.pth: missing 120 keys the model needs, first 'blocks.2.norm1.weight'"),
     (lambda d: save_vit(d / "c.pth", num_classes=8), ["--eval", "--resume", "{}"],
      r"c.pth: was trained with token pooling \(norm\); add --cls_token"),
+    (lambda d: save_vit(d / "e.pth"), ["--eval", "--finetune", "{}"],
+     r"e.pth: has no classification head \(a pre-trained encoder\?\)"),
     (lambda d: empty_folders(d / "imgs"), ["--data_path", "{}"], r"imgs/val: Couldn't find any class folder"),
     (lambda d: d, ["--dataset", "pets", "--data_path", "{}"],
      r"--dataset pets under .*: Dataset not found \(add --download to fetch it\)"),
     (lambda d: None, ["--eval"], r"--eval needs the classifier to evaluate: --resume PATH"),
     (lambda d: None, ["--aa", "rand-m15"], r"--aa 'rand-m15': magnitude must lie in 0..10"),
-], ids=["width", "patch", "depth", "pooling", "empty_folder", "missing_dataset", "eval_without_checkpoint",
+], ids=["width", "patch", "depth", "pooling", "no_head", "empty_folder", "missing_dataset", "eval_without_checkpoint",
         "randaugment"])
 def test_bad_input_fails_at_start_with_a_message_naming_it(tmp_path, make, flags, message):
     target = make(tmp_path)
