@@ -65,6 +65,8 @@ def run_main(main, parser):
     try:
         main(args)
     except UserError as e:
+        for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open by an error raised
+            bar.close()  # mid-epoch (a corrupt image) would otherwise share the message's line
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
@@ -236,16 +238,17 @@ def resume_checkpoint(args, model, optimizer, scaler=None):
     return 0
 
 
-def save_training_state(args, model, optimizer, scaler, epoch):
+def save_training_state(args, model, optimizer, scaler, epoch, extra=None):
     """Rank 0 writes <output_dir>/checkpoint.pth (always the latest complete epoch) and,
-    every --save_every epochs, a kept copy checkpoint-<epoch>.pth."""
+    every --save_every epochs, a kept copy checkpoint-<epoch>.pth. `extra`: more entries
+    for the same file (an EMA model, the best accuracy so far)."""
     if not is_main_process():
         return
     model = unwrap(model)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "epoch": epoch, "args": plain_args(args),
-             "model_config": getattr(model, "config", None)}
+             "model_config": getattr(model, "config", None), **(extra or {})}
     out = Path(args.output_dir)
     save_checkpoint(out / "checkpoint.pth", state)
     every = getattr(args, "save_every", 0)
@@ -572,8 +575,11 @@ def build_dataset(args, train, transform=None):
 
     'auto': an ImageFolder root if --data_path is given (ImageNet layout: train/ and
     val/ with one folder per class), else the built-in synthetic data.
-    'cifar10' / 'cifar100': torchvision's, stored under --data_path (default ./data),
-    fetched only with --download. Returns (dataset, num_classes).
+    'cifar10' / 'cifar100' and the downstream sets of DOWNSTREAM: torchvision's, stored
+    under --data_path (default ./data), fetched only with --download. A corrupt image in
+    an ImageFolder stops the run with CorruptImageError naming the file (it is not
+    skipped: every run must see the same images, and evaluation must count each one).
+    Returns (dataset, num_classes).
     """
     from torchvision import datasets
     name = args.dataset
@@ -594,8 +600,8 @@ def build_dataset(args, train, transform=None):
             raise ConfigError(f"--data_path {args.data_path}: no {root.name}/ folder (expected the "
                               f"ImageNet layout: {root.name}/<class>/<image>)")
         try:
-            ds = datasets.ImageFolder(str(root), transform=transform)
-        except (FileNotFoundError, RuntimeError) as e:
+            ds = datasets.ImageFolder(str(root), transform=transform, loader=read_rgb_image)
+        except (OSError, RuntimeError) as e:  # empty, no class folders, unreadable
             raise ConfigError(f"--data_path {root}: {e}") from None
         return ds, len(ds.classes)
     if name in ("cifar10", "cifar100"):
@@ -606,7 +612,59 @@ def build_dataset(args, train, transform=None):
         except RuntimeError as e:
             raise ConfigError(f"--dataset {name} under {root}: {e} (add --download to fetch it)") from None
         return ds, len(ds.classes)
-    raise ConfigError(f"unknown --dataset {name!r}")
+    if name in DOWNSTREAM:
+        cls_name, train_splits, test_split = DOWNSTREAM[name]
+        cls = getattr(datasets, cls_name)
+        root = args.data_path or "./data"
+        hint = (" (add --download to fetch it)" if name != "cars" else
+                f"; torchvision can no longer download Stanford Cars (its URL is gone): place it "
+                f"under {root}/stanford_cars (devkit/, cars_train/, cars_test/, "
+                f"cars_test_annos_withlabels.mat) and run without --download")
+        try:
+            parts = [cls(root, split=s, transform=transform, download=args.download)
+                     for s in (train_splits if train else (test_split,))]
+        except (RuntimeError, ValueError) as e:  # not found / StanfordCars' download refused
+            detail = str(e).split(" You can use download=True")[0].rstrip(".")
+            raise ConfigError(f"--dataset {name} under {root}: {detail}"
+                              f"{hint if name == 'cars' or not args.download else ''}") from None
+        ds = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+        return ds, len(parts[0].classes)
+    raise ConfigError(f"unknown --dataset {name!r}; choose from auto, imagefolder, synthetic, "
+                      f"cifar10, cifar100, {', '.join(DOWNSTREAM)}")
+
+
+# Downstream classification sets (MAE-Lite's transfer study): torchvision class, the
+# splits trained on, the split evaluated on. Flowers102 trains on train+val (1020 + 1020
+# images) and tests on its 6149 test images, as MAE-Lite and most transfer studies do.
+DOWNSTREAM = {
+    "flowers102": ("Flowers102", ("train", "val"), "test"),  # 102 classes; needs scipy
+    "pets": ("OxfordIIITPet", ("trainval",), "test"),  # 37 breeds, 3680 / 3669
+    "aircraft": ("FGVCAircraft", ("trainval",), "test"),  # 100 variants, 6667 / 3333
+    "cars": ("StanfordCars", ("train",), "test"),  # 196 classes, 8144 / 8041; needs scipy
+}
+
+
+class CorruptImageError(ConfigError):
+    """An image file that cannot be decoded. A DataLoader worker's exception is re-raised
+    in the main process with the worker's whole traceback as its message: keep only our
+    own line, so the run still ends with one line naming the file."""
+
+    def __init__(self, msg):
+        ours = [line.split("CorruptImageError: ", 1)[1] for line in str(msg).splitlines()
+                if "CorruptImageError: " in line]
+        super().__init__(ours[-1] if ours else msg)
+
+
+def read_rgb_image(path):
+    """ImageFolder's loader (PIL, RGB) that fails with one line naming a corrupt file."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        detail = (str(e).splitlines() or [""])[0]
+        raise CorruptImageError(f"{path}: cannot read this image ({type(e).__name__}: {detail}); "
+                                f"delete or replace the file") from None
 
 
 def pretrain_transform(input_size, min_scale=0.2):
@@ -691,9 +749,11 @@ def add_data_args(parser):
     g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ "
                    "(ImageNet layout), or where CIFAR is stored; empty: the built-in synthetic data")
     g.add_argument("--dataset", default="auto", choices=("auto", "imagefolder", "synthetic",
-                                                         "cifar10", "cifar100"),
-                   help="auto: imagefolder when --data_path is set, else synthetic")
-    g.add_argument("--download", action="store_true", help="let torchvision fetch CIFAR")
+                                                         "cifar10", "cifar100", *DOWNSTREAM),
+                   help="auto: imagefolder when --data_path is set, else synthetic; "
+                   "flowers102/pets/aircraft/cars: torchvision's, under --data_path (./data)")
+    g.add_argument("--download", action="store_true", help="let torchvision fetch CIFAR, "
+                   "Flowers102, Pets or Aircraft (Stanford Cars can no longer be downloaded)")
     g.add_argument("--synthetic_samples", type=int, default=2048,
                    help="training images of the synthetic dataset (val: a quarter)")
     g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))

@@ -1,0 +1,475 @@
+"""Fine-tuning and linear probing: turn a pre-trained ViT into a measured classifier,
+with the recipes of MAE (He et al., CVPR 2022) and MAE-Lite (Wang et al., ICML 2023).
+
+Fine-tuning trains every weight, starting from the pre-trained encoder and a fresh
+head (trunc-normal std 2e-5), with mean pooling + fc_norm over the patch tokens (or the
+cls token with --cls_token), strong augmentation and layer-wise lr decay: blocks near
+the input, which pre-training taught well, move less than those near the head.
+
+    lr(p) = lr(step) * layer_decay ** (depth + 1 - layer_id(p))
+    layer_id: patch_embed, cls_token, pos_embed -> 0;  blocks.i -> i + 1;  fc_norm, head -> depth + 1
+
+With depth 12 and decay 0.65 the patch embedding learns at 0.65^13 = 0.4% of the
+head's lr. No weight decay on biases, norms, cls_token and pos_embed. Mixed targets:
+
+    mixup:  x = lam x_i + (1 - lam) x_j,  y = lam y_i + (1 - lam) y_j,  lam ~ Beta(a, a)
+    cutmix: a box of x_j pasted into x_i, lam = 1 - box area / image area
+    smoothing: y <- (1 - s) y + s / K;   loss = mean_b sum_k -y_bk log softmax(z_b)_k
+
+Linear probing (--linprobe) measures the frozen features: only BatchNorm1d(affine=False)
++ Linear on the cls token train (LARS, no augmentation beyond crop and flip).
+
+Commands (the built-in synthetic data is used when neither --data_path nor --dataset is given):
+    # CPU, about 15 minutes: pre-train, fine-tune (a light recipe), evaluate (README: results)
+    python mae_pretrain.py --input_size 32 --patch_size 8 --epochs 20 --warmup_epochs 2 \\
+        --blr 1.5e-3 --output_dir runs/mae_p8
+    python finetune.py --finetune runs/mae_p8/checkpoint.pth --input_size 32 --patch_size 8 \\
+        --epochs 10 --warmup_epochs 1 --blr 4e-3 --batch_size 64 --aa none --mixup 0 --cutmix 0 \\
+        --reprob 0 --drop_path 0 --min_crop_scale 0.35 --output_dir runs/ft_p8
+    python finetune.py --eval --resume runs/ft_p8/checkpoint-best.pth --input_size 32 --patch_size 8
+    # MAE ViT-B, ImageNet, 100 epochs, batch 1024 = 32 x 8 GPUs x 4 accumulation -> 83.6
+    torchrun --nproc_per_node=8 finetune.py --model vit_base --finetune mae_pretrain_vit_base.pth \\
+        --data_path /data/imagenet --batch_size 32 --accum_iter 4 --epochs 100 --blr 5e-4 \\
+        --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0
+    # MAE-Lite ViT-Tiny (12 heads) "impr." recipe, 300 epochs, batch 1024 = 128 x 8 -> 78.0
+    torchrun --nproc_per_node=8 finetune.py --model vit_tiny --num_heads 12 \\
+        --finetune mae_tiny_400e.pth.tar --data_path /data/imagenet --batch_size 128 --epochs 300 \\
+        --blr 1e-3 --layer_decay 0.85 --drop_path 0 --aa rand-m10-mstd0.5-inc1 --color_jitter 0.3 \\
+        --mixup 0.2 --cutmix 0 --smoothing 0 --reprob 0
+    # MAE-Lite downstream (CIFAR-100; also flowers102, pets, aircraft, cars), batch 512 = 128 x 4
+    torchrun --nproc_per_node=4 finetune.py --model vit_tiny --num_heads 12 \\
+        --finetune mae_tiny_400e.pth.tar --dataset cifar100 --download --batch_size 128 --epochs 50 \\
+        --warmup_epochs 10 --lr 0.1 --optimizer sgd --weight_decay 0 --clip_grad 1.0 \\
+        --layer_decay 0.75 --drop_path 0 --aa none --mixup 0 --cutmix 0 --smoothing 0 --reprob 0
+    # MAE linear probe, ViT-B: batch 16384 = 512 x 8 GPUs x 4 (LARS, blr 0.1, 90 epochs) -> 67.8
+    torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_base \\
+        --finetune mae_pretrain_vit_base.pth --data_path /data/imagenet --batch_size 512 --accum_iter 4
+    # check an official fine-tuned checkpoint; MAE's FINETUNE.md: Acc@1 83.664 Acc@5 96.530 loss 0.731
+    python finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base \\
+        --data_path /data/imagenet --batch_size 16
+
+Expected (ImageNet-1K top-1, PAPERS.md section 9): MAE ViT-B 83.6; MAE-Tiny 78.0 (400 ep
+pre-training, 300 ep fine-tuning; 76.2 after 100), D-MAE-Tiny 78.4; ViT-Tiny from
+scratch with the "impr." recipe 75.8. Linear probe ViT-B: 67.8 (MAE's FINETUNE.md).
+
+Where this differs from the official code (facebookresearch/mae with timm 0.3.2):
+- RandAugment is torchvision's with 11 magnitude bins, so --aa rand-m9 means 9/10 of each
+  op's range as in timm; but torchvision has no magnitude noise (mstd is ignored), applies
+  every chosen op (timm: each with p 0.5) and its op set has Identity instead of Invert and
+  SolarizeAdd: a somewhat stronger augmentation. Color jitter applies only with --aa none,
+  as in timm, so MAE-Lite's --color_jitter 0.3 is inactive in its own recipe too.
+- MixUp / CutMix are torchvision's: each sample mixes with its neighbour (timm: with the
+  mirrored batch); the same distribution of pairs and lam.
+- Evaluation counts every image once on any number of GPUs (MAE's --dist_eval pads with
+  duplicates) and reports top-min(5, classes).
+- Each sample's augmentation is seeded by (seed, epoch, index) (util.py), so a resumed run
+  continues exactly. A corrupt image file stops the run with its path (not skipped).
+- --model_ema (not in MAE; DeiT's option): EMA weights evaluated each epoch alongside; the
+  best checkpoint is chosen by the trained model's top-1.
+- From scratch (no --finetune) the weights get MAE's init (xavier), not DeiT's.
+"""
+import argparse
+import re
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import util
+from util import print0
+from vit import VIT_PRESETS, create_vit
+
+# MAE's main_linprobe.py recipe: what --linprobe changes unless the flag is given.
+LINPROBE_DEFAULTS = dict(global_pool=False, optimizer="lars", batch_size=512, epochs=90,
+                         warmup_epochs=10, blr=0.1, weight_decay=0.0, min_lr=0.0, drop_path=0.0,
+                         aa="none", mixup=0.0, cutmix=0.0, smoothing=0.0, reprob=0.0)
+
+
+class Parser(argparse.ArgumentParser):
+    """With --linprobe the defaults become LINPROBE_DEFAULTS; flags on the command line win."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        if ns.linprobe:
+            saved = {k: self.get_default(k) for k in LINPROBE_DEFAULTS}
+            self.set_defaults(**LINPROBE_DEFAULTS)
+            ns = super().parse_args(args, namespace)
+            self.set_defaults(**saved)
+        return ns
+
+
+def get_args_parser():
+    p = Parser("Fine-tuning, linear probing and evaluation",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_tiny", choices=list(VIT_PRESETS))
+    g.add_argument("--input_size", type=int, default=224)
+    g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
+    g.add_argument("--num_heads", type=int, default=None, help="override the head count "
+                   "(MAE-Lite's tiny uses 12; this project's checkpoints record theirs)")
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth at the last block")
+    g.add_argument("--global_pool", action="store_true", default=True,
+                   help="mean of the patch tokens + fc_norm (MAE's fine-tuning)")
+    g.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help="classify the cls token after `norm` instead (timm, DeiT, linear probe)")
+    g.add_argument("--finetune", default="", help="start from this pre-trained checkpoint (any "
+                   "layout util.load_pretrained reads); the head is always re-initialised")
+    g.add_argument("--linprobe", action="store_true", help="freeze the backbone, train BatchNorm1d + "
+                   "Linear on the cls token; sets the defaults " + ", ".join(
+                       f"{k}={v}" for k, v in LINPROBE_DEFAULTS.items()))
+    g.add_argument("--eval", action="store_true", help="only evaluate the classifier in --resume "
+                   "(or --finetune), e.g. an official fine-tuned checkpoint")
+    g.add_argument("--model_ema", action="store_true", help="also keep and evaluate an EMA of the weights")
+    g.add_argument("--model_ema_decay", type=float, default=0.9999)
+    g = util.add_optim_args(p, batch_size=64, epochs=50, warmup_epochs=5, blr=1e-3,
+                            weight_decay=0.05, min_lr=1e-6)
+    g.add_argument("--layer_decay", type=float, default=0.75,
+                   help="layer-wise lr decay: 0.65 MAE ViT-B, 0.85 MAE-Lite tiny, 1 = off")
+    g.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"),
+                   help="adamw (0.9, 0.999); sgd (Nesterov) or lars with --momentum")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g = p.add_argument_group("augmentation and regularization")
+    g.add_argument("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop scale=(min, 1)")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
+                   help="RandAugment as timm writes it (rand-m<magnitude 0..10>[-n<ops>]); none: off")
+    g.add_argument("--color_jitter", type=float, default=None,
+                   help="brightness/contrast/saturation strength; used only with --aa none (as timm)")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup Beta(a, a); 0: off")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix Beta(a, a); 0: off (both on: "
+                   "one of the two per batch, each with probability 0.5)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    util.add_data_args(p)
+    util.add_run_args(p, output_dir="runs/finetune")
+    return p
+
+
+# ----------------------------------------------------------------------------
+# Model pieces: the classifier, its head, LARS
+
+
+def build_model(args, num_classes):
+    """The ViT classifier; with --linprobe a frozen backbone under BatchNorm1d + Linear."""
+    try:
+        model = create_vit(args.model, img_size=args.input_size, patch_size=args.patch_size,
+                           num_heads=args.num_heads, num_classes=num_classes,
+                           global_pool="avg" if args.global_pool else "token",
+                           drop_path_rate=args.drop_path)
+    except ValueError as e:
+        raise util.ConfigError(str(e)) from None
+    if args.linprobe:
+        # MAE's probe: BN without affine standardises the features, whose scale varies a lot
+        # between pre-training methods; the names head.0 / head.1 are MAE's.
+        model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), model.head)
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+    init_head(model, args)
+    return model
+
+
+def init_head(model, args):
+    """MAE: trunc-normal std 2e-5 for fine-tuning (the first logits are ~0: a calm start),
+    0.01 for the linear probe (MoCo v3); zero bias."""
+    linear = model.head[1] if args.linprobe else model.head
+    nn.init.trunc_normal_(linear.weight, std=0.01 if args.linprobe else 2e-5)
+    nn.init.zeros_(linear.bias)
+
+
+def load_backbone(model, path, args):
+    """--finetune: load what fits (util checks every key), then draw a fresh head."""
+    report = util.load_pretrained(model, path)
+    init_head(model, args)
+    fresh = sorted({k.rsplit(".", 1)[0] for k in report.missing if not k.startswith("head.")} | {"head"})
+    print0(f"  freshly initialised: {', '.join(fresh)} (head: trunc-normal std "
+           f"{0.01 if args.linprobe else 2e-5})")
+
+
+def load_classifier(model, path):
+    """--eval: the whole classifier (backbone, pooling norm and head) must be in the file.
+    Only the model is read: an optimizer or argparse args next to it are ignored."""
+    obj = util.load_checkpoint(path)
+    sd = util.read_state_dict(obj, name=path)
+    head = sd.get("head.weight", sd.get("head.1.weight"))
+    if head is None:
+        raise util.CheckpointError(f"{path}: has no classification head (a pre-trained encoder?); "
+                                   f"fine-tune it first: --finetune without --eval")
+    if head.shape[0] != model.num_classes:
+        raise util.CheckpointError(f"{path}: its head has {head.shape[0]} classes, the dataset "
+                                   f"has {model.num_classes}")
+    pool = util.infer_vit_config(obj, name=path)["global_pool"]
+    if pool != model.global_pool:
+        raise util.CheckpointError(f"{path}: was trained with {pool} pooling ("
+                                   f"{'norm' if pool == 'token' else 'fc_norm'}); "
+                                   f"{'add' if pool == 'token' else 'drop'} --cls_token")
+    util.load_pretrained(model, obj, allow_missing=(), name=path)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as MAE's linear probe uses it (from MoCo v3): momentum SGD
+    whose update of each weight matrix is rescaled by a trust ratio,
+
+        g <- g + wd * w;   g <- g * eta * ||w|| / ||g||     (tensors with ndim > 1 only;
+                                                           ratio 1 if either norm is 0)
+        mu <- momentum * mu + g;   w <- w - lr * mu
+
+    Biases and norm parameters (ndim <= 1) get plain momentum SGD without weight decay."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0),
+                                        group["trust_coefficient"] * w_norm / g_norm, 1.0)
+                    g = g * ratio
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(group["momentum"]).add_(g)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def build_optimizer(model, args, device):
+    """Parameter groups (no decay on 1-D params and tokens; lr_scale from layer decay),
+    then AdamW (fused on CUDA), SGD or LARS."""
+    groups = util.param_groups(model, args.weight_decay,
+                               layer_decay=None if args.linprobe else args.layer_decay)
+    if args.optimizer == "adamw":
+        return util.make_adamw(groups, args.lr, (0.9, 0.999), device)
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if args.optimizer == "sgd":  # Nesterov, as timm's "sgd" that MAE-Lite's downstream recipe names
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    return LARS(groups, lr=args.lr, momentum=args.momentum)
+
+
+# ----------------------------------------------------------------------------
+# Losses and mixed targets
+
+
+def soft_target_cross_entropy(logits, target):
+    """logits (B, K), target (B, K) with rows summing to 1 -> mean_b sum_k -target log softmax."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def smooth_targets(target, smoothing):
+    """(B, K) probabilities -> (1 - s) * target + s / K (timm's smoothing of mixed targets)."""
+    return target * (1.0 - smoothing) + smoothing / target.shape[-1]
+
+
+def build_mixing(args, num_classes):
+    """torchvision's MixUp / CutMix (one of them per batch when both are on), or None."""
+    from torchvision.transforms import v2
+    mixes = [cls(alpha=a, num_classes=num_classes)
+             for cls, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a > 0]
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+
+def parse_randaugment(spec):
+    """timm's 'rand-m9-mstd0.5-inc1' -> (ops per image, magnitude 0..10); 'none' -> None."""
+    if spec.lower() in ("", "none"):
+        return None
+    if not re.fullmatch(r"rand(-[a-z]+[\d.]+)*", spec):
+        raise util.ConfigError(f"--aa {spec!r}: expected rand-m<magnitude>[-n<ops>][-mstd<s>] or none")
+    opts = dict(re.findall(r"-([a-z]+)([\d.]+)", spec))
+    ops, magnitude = int(opts.get("n", 2)), int(float(opts.get("m", 9)))
+    if not 0 <= magnitude <= 10:
+        raise util.ConfigError(f"--aa {spec!r}: magnitude must lie in 0..10 (timm's scale)")
+    return ops, magnitude
+
+
+def train_transform(args):
+    """RandomResizedCrop (bicubic) + flip + RandAugment or color jitter, normalize, erasing."""
+    from torchvision.transforms import v2
+    bicubic = v2.InterpolationMode.BICUBIC
+    t = [v2.RandomResizedCrop(args.input_size, scale=(args.min_crop_scale, 1.0),
+                              interpolation=bicubic, antialias=True),
+         v2.RandomHorizontalFlip()]
+    ra = parse_randaugment(args.aa)
+    if ra:
+        # 11 bins: magnitude m is m/10 of each op's range, timm's scale. Geometric ops fill
+        # with the mean pixel (124, 116, 104) as timm does.
+        fill = tuple(round(255 * m) for m in util.IMAGENET_MEAN)
+        t.append(v2.RandAugment(num_ops=ra[0], magnitude=ra[1], num_magnitude_bins=11,
+                                interpolation=bicubic, fill=fill))
+    elif args.color_jitter:
+        t.append(v2.ColorJitter(*(args.color_jitter,) * 3))
+    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+          v2.Normalize(util.IMAGENET_MEAN, util.IMAGENET_STD)]
+    if args.reprob > 0:  # after normalization, random per-pixel values (timm's 'pixel' mode)
+        t.append(v2.RandomErasing(p=args.reprob, value="random"))
+    return v2.Compose(t)
+
+
+def build_val_loader(dataset, args, dinfo):
+    """Rank r evaluates images r, r + W, r + 2W, ...: every image exactly once, uneven
+    counts allowed (DistributedSampler would pad the last round with duplicates)."""
+    return DataLoader(dataset, batch_size=args.batch_size,
+                      sampler=range(dinfo.rank, len(dataset), dinfo.world_size),
+                      num_workers=args.num_workers, pin_memory=dinfo.device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------
+# Training and evaluation
+
+
+def classify_step(model, batch, *, mixing, smoothing, device):
+    """One micro-batch: mix, then soft-target cross-entropy (label-smoothed CE unmixed)."""
+    imgs, labels, _ = batch
+    imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    if mixing is None:
+        return F.cross_entropy(model(imgs).float(), labels, label_smoothing=smoothing), {}
+    imgs, target = mixing(imgs, labels)  # target: (B, K) mixed one-hot
+    return soft_target_cross_entropy(model(imgs), smooth_targets(target, smoothing)), {}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast=nullcontext, num_classes=1000):
+    """Loss, top-1 and top-k (k = min(5, classes)) over every image of the split: each
+    rank sums over its own images, then one all-reduce of (loss, correct@1, correct@k, n)."""
+    was_training = model.training
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for imgs, labels in loader:
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast():
+            logits = model(imgs).float()  # (B, K)
+        hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(),
+                             hits.any(dim=-1).sum(), torch.tensor(labels.numel(), device=device)]).double()
+    model.train(was_training)
+    loss, c1, ck, n = util.all_reduce_sum(sums).tolist()
+    if n == 0:
+        raise util.ConfigError("the validation split is empty")
+    return {"loss": loss / n, "acc1": 100 * c1 / n, "acc5": 100 * ck / n, "top_k": k,
+            "correct1": int(c1), "correct5": int(ck), "images": int(n)}
+
+
+def format_eval(s):
+    return (f"* Acc@1 {s['acc1']:.3f} Acc@{s['top_k']} {s['acc5']:.3f} loss {s['loss']:.4f} "
+            f"({s['correct1']} and {s['correct5']} of {s['images']} images)")
+
+
+def build_ema(model, args):
+    """An EMA of the weights (and buffers), updated after every optimizer step."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay),
+                         use_buffers=True)
+
+
+def check_args(args):
+    util.check_common_args(args)
+    patch = args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
+    if args.input_size % patch:
+        raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
+    if args.eval and not (args.resume or args.finetune):
+        raise util.ConfigError("--eval needs the classifier to evaluate: --resume PATH (or --finetune PATH)")
+    if args.linprobe and args.drop_path:
+        raise util.ConfigError("--linprobe trains only the head: --drop_path must be 0")
+    for flag, lo, hi in (("smoothing", 0, 0.999), ("reprob", 0, 1), ("drop_path", 0, 0.999),
+                         ("model_ema_decay", 0, 0.999999), ("min_crop_scale", 1e-6, 1)):
+        if not lo <= getattr(args, flag) <= hi:
+            raise util.ConfigError(f"--{flag} must lie in [{lo}, {hi}], got {getattr(args, flag)}")
+    if args.mixup < 0 or args.cutmix < 0:
+        raise util.ConfigError("--mixup and --cutmix are Beta(a, a) parameters: 0 (off) or positive")
+    parse_randaugment(args.aa)
+
+
+def main(args):
+    check_args(args)
+    dinfo = util.init_distributed(args.device)
+    device = dinfo.device
+    val_set, num_classes = util.build_dataset(args, train=False,
+                                              transform=util.eval_transform(args.input_size))
+    val_loader = build_val_loader(val_set, args, dinfo)
+    if not args.eval:
+        train_set, n = util.build_dataset(args, train=True, transform=train_transform(args))
+        if n != num_classes:
+            raise util.ConfigError(f"the training split has {n} classes, the validation split {num_classes}")
+        loader = util.build_train_loader(train_set, args, dinfo)
+
+    torch.manual_seed(args.seed)  # the same initial weights (and head) on every rank
+    model = build_model(args, num_classes)
+    autocast, scaler = util.amp_setup(args.precision, device)
+    if args.eval:
+        load_classifier(model, args.resume or args.finetune)
+        stats = evaluate(model.to(device), val_loader, device, autocast, num_classes)
+        print0(format_eval(stats))
+        return stats
+    if args.finetune:
+        load_backbone(model, args.finetune, args)
+    else:
+        print0("no --finetune checkpoint: training from scratch")
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"{args.model}{' (linear probe)' if args.linprobe else ''}: {n_params / 1e6:.3f}M "
+           f"trainable parameters, {num_classes} classes, {len(train_set)} training and "
+           f"{len(val_set)} validation images, {len(loader) // args.accum_iter} steps per epoch")
+
+    util.effective_lr(args, dinfo.world_size)
+    optimizer = build_optimizer(model, args, device)
+    ema = build_ema(model, args) if args.model_ema else None
+    if ema is not None:
+        optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
+    start_epoch = util.resume_checkpoint(args, model, optimizer, scaler)
+    best = 0.0
+    if start_epoch > 0:  # the entries util.resume_checkpoint does not restore
+        ckpt = util.load_checkpoint(args.resume or Path(args.output_dir) / "checkpoint.pth")
+        best = ckpt.get("best_acc1", 0.0)
+        if ema is not None and ckpt.get("model_ema"):
+            ema.module.load_state_dict(ckpt["model_ema"])
+            ema.n_averaged.fill_(1)  # an average exists: the next update must not copy
+
+    net = model
+    if dinfo.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[dinfo.local_rank] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
+    step = partial(classify_step, mixing=build_mixing(args, num_classes), smoothing=args.smoothing,
+                   device=device)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
+        val = evaluate(model, val_loader, device, autocast, num_classes)
+        log = {**{f"train_{k}": v for k, v in stats.items()},
+               **{f"test_{k}": val[k] for k in ("loss", "acc1", "acc5")}}
+        if ema is not None:
+            ema_val = evaluate(ema.module, val_loader, device, autocast, num_classes)
+            log.update({f"test_ema_{k}": ema_val[k] for k in ("loss", "acc1", "acc5")})
+        ema_state = {"model_ema": ema.module.state_dict()} if ema is not None else {}
+        if val["acc1"] > best and dinfo.is_main:  # written before checkpoint.pth records it
+            util.save_checkpoint(out / "checkpoint-best.pth", {
+                "model": model.state_dict(), **ema_state, "epoch": epoch, "acc1": val["acc1"],
+                "args": util.plain_args(args), "model_config": model.config})
+        best = max(best, val["acc1"])
+        util.save_training_state(args, model, optimizer, scaler, epoch, extra={"best_acc1": best, **ema_state})
+        util.log_stats(args.output_dir, {**log, "best_acc1": best, "epoch": epoch,
+                                         "n_parameters": n_params})
+        print0(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  val loss "
+               f"{val['loss']:.4f}  acc1 {val['acc1']:.2f}  acc{val['top_k']} {val['acc5']:.2f}  "
+               f"best {best:.2f}  {stats['img_per_s']:.0f} img/s  peak {stats['peak_mem_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    util.run_main(main, get_args_parser())
