@@ -508,10 +508,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class SyntheticShapes(Dataset):
-    """Built-in offline data: a coloured shape on a textured background; the class is
-    the shape. Colours, texture, position, size and a small rotation are random, so
-    only the shape tells the class. Deterministic by (seed, split, index).
-    Returns (PIL image, label) like torchvision's datasets."""
+    """Built-in offline data: a coloured shape on a grey textured background, 8 classes.
+    The class is the shape AND a band of hues: class c's shape has hue (c + u) / 8 with u
+    uniform in [-0.6, 0.6], so neighbouring bands overlap and colour alone gets a model most
+    of the way (a ViT-Tiny from scratch reaches ~70% in one epoch of 2048 images) while the
+    shape settles the rest. Texture, position, size and a small rotation are random.
+    Deterministic by (seed, split, index). Returns (PIL image, label) like torchvision."""
 
     classes = ("disk", "square", "triangle", "ring", "cross", "diamond", "bar", "x")
 
@@ -545,25 +547,36 @@ class SyntheticShapes(Dataset):
         d, e = (u + v).abs() / 1.414, (u - v).abs() / 1.414  # the cross turned by 45 degrees
         return torch.minimum(torch.maximum(d / 0.25, e), torch.maximum(d, e / 0.25))
 
+    @staticmethod
+    def hsv(h, s, v):
+        """One colour from hue, saturation, value in [0, 1] -> (3, 1, 1) RGB."""
+        k = (torch.tensor([5.0, 3.0, 1.0]) + h * 6) % 6
+        return (v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)).view(3, 1, 1)
+
     def __getitem__(self, index):
         from PIL import Image
         g = torch.Generator().manual_seed(stable_seed(self.seed, self.split, index))
         rand = partial(torch.rand, generator=g)
         label = index % len(self.classes)
         x, y, S = self.xx, self.yy, self.size
+        # Background: two greyish colours blended by an oriented grating and smooth blobs.
         theta, freq, phase = rand(3) * torch.tensor([math.pi, 6.0, 2 * math.pi])
         grating = 0.5 + 0.5 * torch.sin((2 + freq) * math.pi * (x * theta.cos() + y * theta.sin()) + phase)
         blobs = F.interpolate(rand(1, 1, 4, 4), size=(S, S), mode="bilinear", align_corners=False)[0, 0]
-        t = 0.6 * grating + 0.4 * blobs
-        c1, c2 = rand(3, 1, 1), rand(3, 1, 1)
+        t = 0.25 + 0.5 * (0.6 * grating + 0.4 * blobs)
+        c1 = (0.25 + 0.5 * rand(1)) + 0.15 * (rand(3, 1, 1) - 0.5)
+        c2 = (0.25 + 0.5 * rand(1)) + 0.15 * (rand(3, 1, 1) - 0.5)
         img = c1 * (1 - t) + c2 * t  # (3, S, S)
+        # The shape: random centre, size and a rotation of +-20 degrees (a square never
+        # turns into a diamond), a ~1 px soft edge, a hue from the class's band.
         cx, cy = (rand(2) - 0.5) * 0.7
-        size = 0.35 + 0.25 * rand(1)
-        ang = (rand(1) - 0.5) * (math.pi / 4.5)  # +-20 degrees: a square never turns into a diamond
+        size = 0.4 + 0.3 * rand(1)
+        ang = (rand(1) - 0.5) * (math.pi / 4.5)
         u = ((x - cx) * ang.cos() + (y - cy) * ang.sin()) / size
         v = (-(x - cx) * ang.sin() + (y - cy) * ang.cos()) / size
-        alpha = ((1 - self.level(label, u, v)) * size * S / 4 + 0.5).clamp(0, 1)  # ~1 px soft edge
-        fg = (img.mean(dim=(1, 2), keepdim=True) + 0.35 + 0.3 * rand(3, 1, 1)) % 1.0  # contrast
+        alpha = ((1 - self.level(label, u, v)) * size * S / 4 + 0.5).clamp(0, 1)
+        hue, sat, val = rand(3).tolist()
+        fg = self.hsv((label + (hue - 0.5) * 1.2) / len(self.classes) % 1.0, 0.7 + 0.3 * sat, 0.75 + 0.25 * val)
         img = img * (1 - alpha) + fg * alpha + 0.03 * torch.randn(3, S, S, generator=g)
         arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         img = Image.fromarray(arr)
