@@ -455,7 +455,7 @@ def norm_pix_setting(path, obj, flag):
 
 def save_reconstructions(path, name, cfg, args, out, device):
     from mae_pretrain import MaskedAutoencoderViT, figure_images, reconstruct, save_reconstruction_figure
-    obj = util.load_checkpoint(path)
+    obj = util.load_checkpoint(path)  # read again rather than kept through the analysis: memory
     norm_pix, why = norm_pix_setting(path, obj, args.norm_pix_loss)
     print0(f"{path}: decoder {cfg['decoder_embed_dim']} wide, {cfg['decoder_depth']} blocks, "
            f"{cfg['decoder_num_heads']} heads; norm_pix_loss={norm_pix} ({why})")

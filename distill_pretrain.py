@@ -336,7 +336,8 @@ def build_teacher(args, student_patch, device):
            f"{cfg['embed_dim']}, {cfg['depth']} blocks, patch {p}, "
            f"{heads} heads ({source})" + (f", last block {teacher.config['last_block_heads']} heads"
                                           if teacher.config["last_block_heads"] else ""))
-    util.load_pretrained(teacher, obj, allow_missing=(), name=path)
+    util.load_pretrained(teacher, obj, allow_missing=(), name=path,
+                         check_heads=not args.teacher_num_heads)  # an explicit split wins
     # A relation student trained its last block only up to q, k, v (its proj, MLP, norm are at init).
     run_args = obj.get("args") if isinstance(obj, dict) else None
     teacher.last_output_untrained = isinstance(run_args, dict) and run_args.get("method") == "relation"
@@ -576,7 +577,7 @@ def main(args):
     util.effective_lr(args, dinfo.world_size)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
     autocast, scaler = util.amp_setup(args.precision, device)
-    start_epoch = util.resume_checkpoint(args, model, optimizer, scaler)
+    start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler)
 
     net = model  # the teacher stays outside DDP: it is an argument of forward
     if dinfo.world_size > 1:

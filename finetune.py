@@ -153,13 +153,15 @@ def get_args_parser():
 # Model pieces: the classifier, its head, LARS
 
 
-def build_model(args, num_classes):
-    """The ViT classifier; with --linprobe a frozen backbone under BatchNorm1d + Linear."""
+def build_model(args, num_classes, last_block_heads=None):
+    """The ViT classifier; with --linprobe a frozen backbone under BatchNorm1d + Linear.
+    last_block_heads: a TinyMIM relation student's adaptive last block (its checkpoint
+    records it) keeps the head split its q/k/v were trained with."""
     try:
         model = create_vit(args.model, img_size=args.input_size, patch_size=args.patch_size,
                            num_heads=args.num_heads, num_classes=num_classes,
                            global_pool="avg" if args.global_pool else "token",
-                           drop_path_rate=args.drop_path)
+                           drop_path_rate=args.drop_path, last_block_heads=last_block_heads)
     except ValueError as e:
         raise util.ConfigError(str(e)) from None
     if args.linprobe:
@@ -180,19 +182,18 @@ def init_head(model, args):
     nn.init.zeros_(linear.bias)
 
 
-def load_backbone(model, path, args):
+def load_backbone(model, obj, path, args):
     """--finetune: load what fits (util checks every key), then draw a fresh head."""
-    report = util.load_pretrained(model, path)
+    report = util.load_pretrained(model, obj, name=path)
     init_head(model, args)
     fresh = sorted({k.rsplit(".", 1)[0] for k in report.missing if not k.startswith("head.")} | {"head"})
     print0(f"  freshly initialised: {', '.join(fresh)} (head: trunc-normal std "
            f"{0.01 if args.linprobe else 2e-5})")
 
 
-def load_classifier(model, path):
+def load_classifier(model, obj, path):
     """--eval: the whole classifier (backbone, pooling norm and head) must be in the file.
     Only the model is read: an optimizer or argparse args next to it are ignored."""
-    obj = util.load_checkpoint(path)
     sd = util.read_state_dict(obj, name=path)
     head = sd.get("head.weight", sd.get("head.1.weight"))
     if head is None:
@@ -406,16 +407,21 @@ def main(args):
             raise util.ConfigError(f"the training split has {n} classes, the validation split {num_classes}")
         loader = util.build_train_loader(train_set, args, dinfo)
 
+    source = (args.resume or args.finetune) if args.eval else args.finetune
+    obj = util.load_checkpoint(source) if source else None  # read once, before the model is built
+    lbh = util.infer_vit_config(obj, name=source)["last_block_heads"] if obj is not None else None
+    if lbh:
+        print0(f"{source}: its last block has {lbh} heads (a TinyMIM relation student), as the model's")
     torch.manual_seed(args.seed)  # the same initial weights (and head) on every rank
-    model = build_model(args, num_classes)
+    model = build_model(args, num_classes, last_block_heads=lbh)
     autocast, scaler = util.amp_setup(args.precision, device)
     if args.eval:
-        load_classifier(model, args.resume or args.finetune)
+        load_classifier(model, obj, source)
         stats = evaluate(model.to(device), val_loader, device, autocast, num_classes)
         print0(format_eval(stats))
         return stats
     if args.finetune:
-        load_backbone(model, args.finetune, args)
+        load_backbone(model, obj, args.finetune, args)
     else:
         print0("no --finetune checkpoint: training from scratch")
     model.to(device)
@@ -429,10 +435,9 @@ def main(args):
     ema = build_ema(model, args) if args.model_ema else None
     if ema is not None:
         optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
-    start_epoch = util.resume_checkpoint(args, model, optimizer, scaler)
+    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler)
     best = 0.0
     if start_epoch > 0:  # the entries util.resume_checkpoint does not restore
-        ckpt = util.load_checkpoint(args.resume or Path(args.output_dir) / "checkpoint.pth")
         best = ckpt.get("best_acc1", 0.0)
         if ema is not None and ckpt.get("model_ema"):
             ema.module.load_state_dict(ckpt["model_ema"])

@@ -321,7 +321,7 @@ def main(args):
     util.effective_lr(args, dinfo.world_size)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
     autocast, scaler = util.amp_setup(args.precision, device)
-    start_epoch = util.resume_checkpoint(args, model, optimizer, scaler)
+    start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler)
 
     net = model
     if dinfo.world_size > 1:

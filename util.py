@@ -217,10 +217,11 @@ def load_state_strict(model, state_dict, path):
 
 def resume_checkpoint(args, model, optimizer, scaler=None):
     """Restore a run from --resume, or from <output_dir>/checkpoint.pth when it exists
-    (a requeued job continues with the same command). Returns the first epoch to run."""
+    (a requeued job continues with the same command). Returns (first epoch to run, the
+    checkpoint dict or None) so a stage can restore entries of its own (an EMA, a best score)."""
     path = args.resume or (Path(args.output_dir) / "checkpoint.pth")
     if not args.resume and not Path(path).is_file():
-        return 0
+        return 0, None
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: no 'model' entry; --resume takes a training checkpoint")
@@ -233,9 +234,9 @@ def resume_checkpoint(args, model, optimizer, scaler=None):
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         print0(f"resumed {path}: epoch {ckpt['epoch']} done, continuing at {ckpt['epoch'] + 1}")
-        return ckpt["epoch"] + 1
+        return ckpt["epoch"] + 1, ckpt
     print0(f"loaded weights only from {path} (no optimizer state / epoch): starting at epoch 0")
-    return 0
+    return 0, ckpt
 
 
 def save_training_state(args, model, optimizer, scaler, epoch, extra=None):
@@ -352,6 +353,7 @@ def infer_vit_config(path_or_obj, name=None):
                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
                num_heads=saved.get("num_heads") or HEADS_BY_WIDTH.get(D, max(1, D // 64)),
                heads_inferred="num_heads" not in saved,
+               last_block_heads=saved.get("last_block_heads"),  # TinyMIM's adaptive block
                global_pool="avg" if "fc_norm.weight" in sd and "norm.weight" not in sd else "token",
                num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0)
     if "decoder_embed.weight" in sd:
@@ -362,7 +364,8 @@ def infer_vit_config(path_or_obj, name=None):
     return cfg
 
 
-def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=True, name=None):
+def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=True, name=None,
+                    check_heads=True):
     """Load any known checkpoint format into `model` (a ViT or an MAE), checking every key.
 
     - pos_embed / decoder_pos_embed of another grid are interpolated (bicubic);
@@ -370,7 +373,9 @@ def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=Tr
     - keys the model does not have (a decoder, a teacher, `norm` for a mean-pooled
       model) are reported as unexpected and skipped;
     - missing keys outside `allow_missing` (prefixes), a depth or shape mismatch:
-      CheckpointError naming the file and the key.
+      CheckpointError naming the file and the key; so is a head split other than the one
+      the file records (num_heads, last_block_heads), unless check_heads=False (a user
+      who asked for another split on purpose).
     `path` may also be a checkpoint already read with load_checkpoint (then `name` names
     it in messages). Returns a LoadReport; prints it when verbose.
     """
@@ -406,9 +411,16 @@ def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=Tr
     # where the file records it (this project's checkpoints do).
     saved = obj.get("model_config") if isinstance(obj, dict) else None
     mine = getattr(model, "config", None)
+    if not check_heads:
+        saved = None
     if saved and mine and saved.get("num_heads") != mine.get("num_heads"):
         raise CheckpointError(f"{path}: was trained with {saved.get('num_heads')} heads, the model "
                               f"has {mine.get('num_heads')} (pass --num_heads {saved.get('num_heads')})")
+    if saved and mine and "last_block_heads" in saved and \
+            saved["last_block_heads"] != mine.get("last_block_heads"):
+        raise CheckpointError(f"{path}: its last block has {saved['last_block_heads'] or 'the usual'} "
+                              f"heads (TinyMIM's adaptive block), the model's has "
+                              f"{mine.get('last_block_heads') or 'the usual'}")
     missing = [k for k in own if k not in loaded]
     fatal = [k for k in missing if not k.startswith(tuple(allow_missing))]
     if fatal:

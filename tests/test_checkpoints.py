@@ -261,3 +261,12 @@ def test_a_video_models_3d_patch_embedding_is_refused_by_name(tmp_path):
     path = save(tmp_path, "videomae.pth", {"module": sd})
     with pytest.raises(util.CheckpointError, match=r"videomae.pth: patch_embed.proj.weight has shape \(32, 3, 2, 8, 8\)"):
         util.infer_vit_config(path)
+
+
+def test_a_recorded_adaptive_last_block_that_differs_is_refused(tmp_path):
+    src = make_vit(0, depth=2, num_heads=2, last_block_heads=4)
+    path = save(tmp_path, "student.pth", {"model": src.state_dict(), "model_config": src.config})
+    assert util.infer_vit_config(path)["last_block_heads"] == 4
+    with pytest.raises(util.CheckpointError, match="its last block has 4 heads"):
+        util.load_pretrained(make_vit(1), path, verbose=False)
+    util.load_pretrained(make_vit(1, last_block_heads=4), path, verbose=False)

@@ -109,7 +109,7 @@ def test_a_foreign_classifier_checkpoint_gives_the_source_logits(tmp_path, layou
     args = parse("--eval", "--resume", path, *(["--cls_token"] if pool == "token" else []))
     torch.manual_seed(1)
     model = finetune.build_model(args, num_classes=8)
-    finetune.load_classifier(model, path)
+    finetune.load_classifier(model, util.load_checkpoint(path), path)
     imgs = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(imgs), src(imgs))
@@ -296,3 +296,18 @@ def test_a_corrupt_image_stops_the_run_with_one_line_naming_it(tmp_path):
     assert error_line(proc).startswith(f"error: {bad}: cannot read this image (OSError: image file "
                                        f"is truncated")
     assert error_line(proc).endswith("; delete or replace the file")
+
+
+def test_a_relation_students_adaptive_last_block_is_kept_for_fine_tuning(tmp_path):
+    """A TinyMIM student records last_block_heads: finetune.py builds that head split."""
+    torch.manual_seed(0)
+    student = VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                                num_classes=0, last_block_heads=6)
+    path = tmp_path / "tinymim_student.pth"
+    torch.save({"model": {"student." + k: v for k, v in student.state_dict().items()},
+                "model_config": student.config}, path)
+    out = tmp_path / "run"
+    finetune.main(parse("--finetune", path, "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "16",
+                        "--output_dir", out))
+    saved = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model_config"]
+    assert (saved["num_heads"], saved["last_block_heads"]) == (3, 6)
