@@ -17,6 +17,7 @@
 """
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -641,6 +642,9 @@ def build_dataset(args, train, transform=None):
         cls_name, train_splits, test_split = DOWNSTREAM[name]
         cls = getattr(datasets, cls_name)
         root = args.data_path or "./data"
+        if name in ("flowers102", "cars") and importlib.util.find_spec("scipy") is None:
+            raise ConfigError(f"--dataset {name} needs scipy (torchvision reads its labels from "
+                              f".mat files): python -m pip install scipy")
         hint = (" (add --download to fetch it)" if name != "cars" else
                 f"; torchvision can no longer download Stanford Cars (its URL is gone): place it "
                 f"under {root}/stanford_cars (devkit/, cars_train/, cars_test/, "

@@ -282,6 +282,16 @@ def test_an_unknown_dataset_name_is_refused_with_the_choices(capsys):
     assert "invalid choice: 'flowers' (choose from" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["flowers102", "cars"])
+def test_a_downstream_set_that_needs_scipy_says_so_when_it_is_missing(tmp_path, monkeypatch, name):
+    real_find_spec = util.importlib.util.find_spec
+    monkeypatch.setattr(util.importlib.util, "find_spec",
+                        lambda mod, *a: None if mod == "scipy" else real_find_spec(mod, *a))
+    args = parse("--dataset", name, "--data_path", tmp_path)
+    with pytest.raises(util.ConfigError, match=f"--dataset {name} needs scipy.*pip install scipy"):
+        util.build_dataset(args, train=True)
+
+
 def test_a_corrupt_image_stops_the_run_with_one_line_naming_it(tmp_path):
     """Read in a DataLoader worker process: the message must still be one line."""
     write_colour_folder(tmp_path, {"train": 1, "val": 1})
