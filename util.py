@@ -410,10 +410,8 @@ def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=Tr
                               f"{depth} blocks (depth mismatch)")
     # Head count is invisible in the shapes (qkv is [3D, D] for any count): check it
     # where the file records it (this project's checkpoints do).
-    saved = obj.get("model_config") if isinstance(obj, dict) else None
+    saved = obj.get("model_config") if isinstance(obj, dict) and check_heads else None
     mine = getattr(model, "config", None)
-    if not check_heads:
-        saved = None
     if saved and mine and saved.get("num_heads") != mine.get("num_heads"):
         raise CheckpointError(f"{path}: was trained with {saved.get('num_heads')} heads, the model "
                               f"has {mine.get('num_heads')} (pass --num_heads {saved.get('num_heads')})")
@@ -639,10 +637,10 @@ def build_dataset(args, train, transform=None):
             raise ConfigError(f"--dataset {name} under {root}: {e} (add --download to fetch it)") from None
         return ds, len(ds.classes)
     if name in DOWNSTREAM:
-        cls_name, train_splits, test_split = DOWNSTREAM[name]
+        cls_name, train_splits, test_split, needs_scipy = DOWNSTREAM[name]
         cls = getattr(datasets, cls_name)
         root = args.data_path or "./data"
-        if name in ("flowers102", "cars") and importlib.util.find_spec("scipy") is None:
+        if needs_scipy and importlib.util.find_spec("scipy") is None:
             raise ConfigError(f"--dataset {name} needs scipy (torchvision reads its labels from "
                               f".mat files): python -m pip install scipy")
         hint = (" (add --download to fetch it)" if name != "cars" else
@@ -663,13 +661,14 @@ def build_dataset(args, train, transform=None):
 
 
 # Downstream classification sets (MAE-Lite's transfer study): torchvision class, the
-# splits trained on, the split evaluated on. Flowers102 trains on train+val (1020 + 1020
+# splits trained on, the split evaluated on, whether torchvision needs scipy to read the
+# labels (.mat files). Flowers102 trains on train+val (1020 + 1020
 # images) and tests on its 6149 test images, as MAE-Lite and most transfer studies do.
 DOWNSTREAM = {
-    "flowers102": ("Flowers102", ("train", "val"), "test"),  # 102 classes; needs scipy
-    "pets": ("OxfordIIITPet", ("trainval",), "test"),  # 37 breeds, 3680 / 3669
-    "aircraft": ("FGVCAircraft", ("trainval",), "test"),  # 100 variants, 6667 / 3333
-    "cars": ("StanfordCars", ("train",), "test"),  # 196 classes, 8144 / 8041; needs scipy
+    "flowers102": ("Flowers102", ("train", "val"), "test", True),  # 102 classes
+    "pets": ("OxfordIIITPet", ("trainval",), "test", False),  # 37 breeds, 3680 / 3669
+    "aircraft": ("FGVCAircraft", ("trainval",), "test", False),  # 100 variants, 6667 / 3333
+    "cars": ("StanfordCars", ("train",), "test", True),  # 196 classes, 8144 / 8041
 }
 
 
