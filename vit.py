@@ -264,7 +264,7 @@ class VisionTransformer(nn.Module):
         self.apply(self.init_module)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the conv as a (D, C*p*p) matrix
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        # its bias keeps Conv2d's default uniform(+-1/sqrt(C*p*p)) init, as MAE leaves it
         nn.init.normal_(self.cls_token, std=0.02)
         with torch.no_grad():
             if self.pos_embed_type == "sincos":

@@ -201,3 +201,12 @@ def test_presets_and_overrides():
     assert [b.attn.num_heads for b in adaptive.blocks][-2:] == [3, 6]
     with pytest.raises(ValueError, match="not divisible"):
         vit.vit_tiny(img_size=30, patch_size=4)
+
+
+def test_patch_embedding_bias_keeps_conv2ds_default_init_as_mae():
+    """MAE re-initialises only the patch embedding's weight (xavier on the (D, C*p*p) view)."""
+    model = small_vit()
+    bias, fan_in = model.patch_embed.proj.bias, 3 * 8 * 8
+    assert bias.abs().max() <= fan_in ** -0.5 and bias.abs().min() > 0
+    bound = math.sqrt(6 / (fan_in + 48))  # xavier-uniform of a (48, 192) matrix
+    assert model.patch_embed.proj.weight.abs().max() <= bound
