@@ -69,7 +69,12 @@ Choices and deviations:
   HSIC_1 is undefined) is merged into the one before instead of being dropped.
 - Everything runs in float32 (no autocast); Gram matrices, HSIC sums and the attention
   statistics are accumulated in float64.
-- A mean-pooled fine-tuned checkpoint has no `norm`: its 'out' is the last block's output.
+- A mean-pooled fine-tuned checkpoint has no `norm`: its 'out' is the last block's output
+  (MAE-Lite's tool passes it through a freshly initialised fc_norm instead: a LayerNorm with
+  weight 1 and bias 0, which changes CKA little but not nothing).
+- Distances are in pixels (patch-grid distance x patch size). MAE-Lite's tool multiplies
+  the grid distance by 14 whatever the patch size: to compare with its figures, divide ours
+  by the patch size and multiply by 14 (at patch 16 that is x 0.875).
 - The head count is not in the weights: it comes from the checkpoint's recorded config,
   else from the width (192 -> 3, as DeiT; MAE-Lite's tiny has 12: pass --num_heads 12).
   The MAE decoder's head count likewise, else decoder width // 32 (MAE 512 -> 16, MAE-Lite
@@ -483,13 +488,17 @@ def main(args):
         raise util.ConfigError(f"--batch_size {args.batch_size}: HSIC_1 needs at least 4 images per batch")
     if args.num_images < 4:
         raise util.ConfigError(f"--num_images {args.num_images}: HSIC_1 needs at least 4 images")
-    if not 0 <= args.mask_ratio < 1:
-        raise util.ConfigError(f"--mask_ratio must lie in [0, 1), got {args.mask_ratio}")
+    util.check_ranges(args, {k: util.FLAG_RANGES[k] for k in (
+        "mask_ratio", "input_size", "patch_size", "synthetic_samples", "num_workers")})
     k = len(args.checkpoints)
     names = args.names or default_names(args.checkpoints)
     if len(names) != k or len(set(names)) != k:
         raise util.ConfigError(f"--names needs {k} distinct names, got {names}")
     labels = [file_label(n) for n in names]
+    if len(set(labels)) != k:  # "A B" and "A_B" would write the same files
+        clash = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if file_label(a) == file_label(b)]
+        raise util.ConfigError(f"--names {clash[0][0]!r} and {clash[0][1]!r} give the same file label "
+                               f"{file_label(clash[0][0])!r}: choose names that differ in letters or digits")
     model_names = per_checkpoint(args.model, k, "model")
     heads = per_checkpoint(args.num_heads, k, "num_heads")
     if any(h is not None and h < 0 for h in heads):
@@ -512,6 +521,7 @@ def main(args):
         models.append(model.to(device))
         cfgs.append(cfg)
     loader = analysis_loader(args)
+    out = util.prepare_output_dir(args)  # writable? checked before the analysis, not after
 
     pairs = [(i, j) for i in range(k) for j in range(i, k)]  # A vs A too: a model's own structure
     cka = {(i, j): MinibatchCKA(models[i].depth + 1, models[j].depth + 1) for i, j in pairs}
@@ -527,8 +537,6 @@ def main(args):
         for i, j in pairs:
             cka[i, j].update_grams(grams[i], grams[j])
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     results = {pair: acc.compute().numpy() for pair, acc in cka.items()}
     for (i, j), m in results.items():
         np.save(out / f"cka_{labels[i]}_vs_{labels[j]}.npy", m)

@@ -80,17 +80,17 @@ Where this differs from the official code:
 """
 import argparse
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 
 import util
-from mae_pretrain import MaskedAutoencoderViT, random_masking
+from mae_pretrain import MaskedAutoencoderViT, check_widths, random_masking
 from util import print0
-from vit import VIT_PRESETS, Block, VisionTransformer, gather_tokens, sincos_pos_embed
+from vit import VIT_PRESETS, Block, VisionTransformer, gather_tokens
 
 METHODS = ("attn", "relation", "amd", "feature")
 # Flags that only some methods read: giving one to another method is an error, not a no-op.
@@ -116,9 +116,10 @@ def get_args_parser():
     g.add_argument("--mask_ratio", type=float, default=0.75, help="the student's (attn, amd)")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="normalized-pixel MAE loss (attn, amd)")
-    g.add_argument("--decoder_embed_dim", type=int, default=96, help="MAE-Lite's (attn, amd)")
-    g.add_argument("--decoder_depth", type=int, default=1, help="(attn, amd)")
-    g.add_argument("--decoder_num_heads", type=int, default=3, help="(attn, amd)")
+    g.add_argument("--decoder_embed_dim", type=int, default=None,
+                   help="the student's pixel decoder (attn, amd); default: each paper's, see decoder_size")
+    g.add_argument("--decoder_depth", type=int, default=None, help="(attn, amd)")
+    g.add_argument("--decoder_num_heads", type=int, default=None, help="(attn, amd)")
     g.add_argument("--drop_path", type=float, default=0.1,
                    help="the student's stochastic depth (relation, feature); the teacher has none")
     g.add_argument("--min_crop_scale", type=float, default=0.2,
@@ -241,8 +242,8 @@ class AMDAlignment(nn.Module):
         self.projectors.apply(VisionTransformer.init_module)
         self.generators = nn.ModuleList(FeatureGenerator(teacher_dim, generator_depth, mlp_ratio)
                                         for _ in range(num_layers))
-        self.register_buffer("pos", sincos_pos_embed(teacher_dim, grid_size, cls_token=False),
-                             persistent=False)  # (L, Dt), fixed
+        self.register_buffer("pos", sinusoid_table(grid_size ** 2, teacher_dim),
+                             persistent=False)  # (L, Dt), fixed: AMD's 1-D table over token indices
 
     def forward(self, student, teacher, ids_visible, ids_extra):
         ns = ids_visible.shape[1]
@@ -272,11 +273,17 @@ class FeatureDistillLoss(nn.Module):
         return F.smooth_l1_loss(self.head(student).float(), target, beta=2.0)
 
 
+def amd_keep_counts(num_patches, student_ratio, teacher_ratio):
+    """AMD's visible counts: L - int(r L) (its mask generator removes int(r L) patches),
+    which can be one more than MAE's int(L (1 - r)): 20 vs 19 of 196 at r = 0.9."""
+    return num_patches - int(student_ratio * num_patches), num_patches - int(teacher_ratio * num_patches)
+
+
 def asymmetric_masking(batch_size, num_patches, student_ratio, teacher_ratio, generator=None,
                        noise=None):
     """AMD's masks: one random permutation per sample (argsort of uniform noise, small first,
-    as MAE's random_masking) cut twice. The student keeps int(L * (1 - r_s)) patches, the
-    teacher int(L * (1 - r_t)) > that: the student's and then the extra ones.
+    as MAE's random_masking) cut twice. The student keeps ns patches, the teacher nt > ns
+    (amd_keep_counts): the student's and then the extra ones.
 
     noise: optional (B, L) (e.g. util.per_sample_uniform); else drawn with `generator`.
     Returns (student_keep (B, ns), teacher_extra (B, nt - ns)), disjoint patch indices.
@@ -284,8 +291,30 @@ def asymmetric_masking(batch_size, num_patches, student_ratio, teacher_ratio, ge
     if noise is None:
         noise = torch.rand(batch_size, num_patches, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
-    ns, nt = int(num_patches * (1 - student_ratio)), int(num_patches * (1 - teacher_ratio))
+    ns, nt = amd_keep_counts(num_patches, student_ratio, teacher_ratio)
     return ids_shuffle[:, :ns], ids_shuffle[:, ns:nt]
+
+
+def sinusoid_table(n, dim):
+    """The 1-D sinusoid table of VideoMAE / AMD over token indices 0..n-1, (n, dim) float32:
+    angle[t, j] = t / 10000^(2 floor(j/2) / dim); sin at even j, cos at odd j."""
+    t = torch.arange(n, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)[None]
+    angle = t / 10000 ** (2 * (j // 2) / dim)
+    return torch.where(j % 2 == 0, angle.sin(), angle.cos()).float()
+
+
+def amd_pixel_target(imgs, patch_size, normalize=True):
+    """AMD's (VideoMAE's) pixel target: the image back in [0, 1] (its mean/std normalization
+    undone), cut into patches [B, L, p*p*C] in MAE's (p, q, c) order; with `normalize`,
+    each patch standardised per CHANNEL: (x - mean) / (std_unbiased + 1e-6) over its p*p
+    pixels (MAE's norm-pix: over all p*p*C values, sqrt(var + 1e-6))."""
+    mean = imgs.new_tensor(util.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = imgs.new_tensor(util.IMAGENET_STD).view(1, 3, 1, 1)
+    x = rearrange(imgs.float() * std + mean, "b c (h p) (w q) -> b (h w) (p q) c", p=patch_size, q=patch_size)
+    if normalize:
+        x = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, keepdim=True).sqrt() + 1e-6)
+    return rearrange(x, "b l pq c -> b l (pq c)")
 
 
 # ----------------------------------------------------------------------------
@@ -440,9 +469,11 @@ class AMDDistiller(Distiller):
             taps = teacher.encode(gather_tokens(teacher.embed(imgs), torch.cat([keep, extra], 1)),
                                   layers=self.teacher_layers, stop_at=max(self.teacher_layers))
             t = [taps.layers[k][:, 1:] for k in self.teacher_layers]  # (B, ns + ne, Dt)
-        x, mask, ids_restore = random_masking(s.embed(imgs), self.mask_ratio, noise)  # keeps `keep`
+        x, mask, ids_restore = random_masking(s.embed(imgs), self.mask_ratio, noise,
+                                              len_keep=keep.shape[1])  # keeps `keep`
         taps = s.encode(x, layers=self.student_layers)
-        pixel = s.forward_loss(imgs, s.forward_decoder(taps.x, ids_restore), mask)
+        target = amd_pixel_target(imgs, s.patch_size, s.norm_pix_loss)
+        pixel = s.forward_loss(imgs, s.forward_decoder(taps.x, ids_restore), mask, target)
         direct, gen = self.distill([taps.layers[k][:, 1:] for k in self.student_layers], t, keep, extra)
         return pixel + self.weight * (direct + gen), {"pixel": pixel, "direct": direct, "generation": gen}
 
@@ -459,6 +490,17 @@ class FeatureDistiller(Distiller):
         with torch.no_grad():
             t = teacher.encode(teacher.embed(teacher_view), layers=(k,), stop_at=k).layers[k]
         return self.distill(s.encode(s.embed(student_view)).x, t), {}
+
+
+def decoder_size(method, width):
+    """The student's pixel decoder (width, blocks, heads) as each paper's code builds it:
+    MAE-Lite's 96 x 1 x 3 for attn; for amd VideoMAE's (AMD's base): ViT-S 192 x 4 x 3, ViT-B
+    384 x 4 x 6, i.e. half the student's width, 4 blocks, 64-dim heads; widths with no
+    official decoder (ViT-Tiny: 96) take 32-dim heads, MAE-Lite's decoder head size."""
+    if method != "amd":
+        return 96, 1, 3
+    dim = width // 2
+    return dim, 4, dim // 64 if dim % 64 == 0 else max(1, dim // 32)
 
 
 def build_model(args, teacher):
@@ -518,6 +560,13 @@ class TwoViews:
 # Training
 
 
+# What a resumed run must keep: the student, the teacher and what the method reads of them.
+FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "method", "teacher", "teacher_model", "teacher_num_heads",
+                   "teacher_layer", "student_layers", "teacher_layers", "decoder_embed_dim",
+                   "decoder_depth", "decoder_num_heads", "norm_pix_loss", "mask_ratio",
+                   "teacher_mask_ratio")
+
+
 def masked_step(model, batch, *, teacher, num_patches, device):
     """attn, amd: one image per sample; the mask noise comes from the sample's own seed."""
     imgs, _, seeds = batch
@@ -532,23 +581,29 @@ def two_view_step(model, batch, *, teacher, device):
 
 
 def check_args(args):
-    util.check_common_args(args)
+    util.check_common_args(args, dict(
+        teacher_mask_ratio=util.between(0, 1, hi_ok=False), distill_weight=util.NON_NEGATIVE,
+        drop_path=util.between(0, 1, hi_ok=False), color_jitter=util.NON_NEGATIVE,
+        teacher_num_heads=util.AT_LEAST_1, teacher_layer=util.AT_LEAST_1,
+        student_layers=util.AT_LEAST_1, teacher_layers=util.AT_LEAST_1))
     defaults = get_args_parser()
     for flag, methods in METHOD_FLAGS.items():
         if args.method not in methods and getattr(args, flag) != defaults.get_default(flag):
             raise util.ConfigError(f"--{flag} is for --method {'/'.join(methods)}, not {args.method}")
-    for flag in ("mask_ratio", "teacher_mask_ratio"):
-        if not 0 <= getattr(args, flag) < 1:
-            raise util.ConfigError(f"--{flag} must lie in [0, 1), got {getattr(args, flag)}")
-    patch = args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
+    preset = VIT_PRESETS[args.model]
+    patch = args.patch_size or preset.get("patch_size", 16)
     if args.input_size % patch:
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
     L = (args.input_size // patch) ** 2
-    if args.method == "amd" and int(L * (1 - args.teacher_mask_ratio)) <= int(L * (1 - args.mask_ratio)):
+    if args.method == "amd" and len(set(amd_keep_counts(L, args.mask_ratio, args.teacher_mask_ratio))) < 2:
         raise util.ConfigError(f"--teacher_mask_ratio {args.teacher_mask_ratio} must keep more of the "
                                f"{L} patches than --mask_ratio {args.mask_ratio}")
-    if not 0 < args.min_crop_scale <= 1:
-        raise util.ConfigError(f"--min_crop_scale must lie in (0, 1], got {args.min_crop_scale}")
+    if args.method in ("attn", "amd"):  # the defaults are recorded with the run's args
+        default = decoder_size(args.method, preset["embed_dim"])
+        for i, flag in enumerate(("decoder_embed_dim", "decoder_depth", "decoder_num_heads")):
+            setattr(args, flag, getattr(args, flag) or default[i])
+        check_widths(preset["embed_dim"], args.num_heads or preset["num_heads"], args.decoder_embed_dim,
+                     args.decoder_num_heads, f"--model {args.model}")
     return patch
 
 
@@ -556,6 +611,7 @@ def main(args):
     patch = check_args(args)
     dinfo = util.init_distributed(args.device)
     device = dinfo.device
+    util.prepare_output_dir(args)
     two_views = args.method in ("relation", "feature")
     transform = (TwoViews(args.input_size, args.min_crop_scale, args.color_jitter) if two_views
                  else util.pretrain_transform(args.input_size, args.min_crop_scale))
@@ -577,7 +633,7 @@ def main(args):
     util.effective_lr(args, dinfo.world_size)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
     autocast, scaler = util.amp_setup(args.precision, device)
-    start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler)
+    start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
 
     net = model  # the teacher stays outside DDP: it is an argument of forward
     if dinfo.world_size > 1:
@@ -587,7 +643,6 @@ def main(args):
         net = torch.compile(net)
     step = (partial(two_view_step, teacher=teacher, device=device) if two_views else
             partial(masked_step, teacher=teacher, num_patches=model.student.num_patches, device=device))
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)

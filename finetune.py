@@ -67,6 +67,10 @@ Where this differs from the official code (facebookresearch/mae with timm 0.3.2)
 - --model_ema (not in MAE; DeiT's option): EMA weights evaluated each epoch alongside; the
   best checkpoint is chosen by the trained model's top-1.
 - From scratch (no --finetune) the weights get MAE's init (xavier), not DeiT's.
+- --mixup 0.8 / --cutmix 1.0 default to the values MAE's fine-tuning recipe passes
+  (FINETUNE.md); the official script's flag defaults are 0 / 0 (off).
+- A TinyMIM relation student keeps its adaptive last block's head count by default; the
+  official TinyMIM fine-tuning rebuilds that block with the standard count (--uniform_heads).
 """
 import argparse
 import re
@@ -113,6 +117,10 @@ def get_args_parser():
     g.add_argument("--num_heads", type=int, default=None, help="override the head count "
                    "(MAE-Lite's tiny uses 12; this project's checkpoints record theirs)")
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth at the last block")
+    g.add_argument("--uniform_heads", action="store_true",
+                   help="a TinyMIM relation student's adaptive last block gets the --num_heads split "
+                        "of the other blocks (its q/k/v re-split, as the official TinyMIM fine-tuning); "
+                        "default: keep the head count it was trained with")
     g.add_argument("--global_pool", action="store_true", default=True,
                    help="mean of the patch tokens + fc_norm (MAE's fine-tuning)")
     g.add_argument("--cls_token", action="store_false", dest="global_pool",
@@ -377,7 +385,12 @@ def build_ema(model, args):
 
 
 def check_args(args):
-    util.check_common_args(args)
+    util.check_common_args(args, dict(
+        smoothing=util.between(0, 1, hi_ok=False), reprob=util.between(0, 1),
+        drop_path=util.between(0, 1, hi_ok=False), model_ema_decay=util.between(0, 1, hi_ok=False),
+        min_crop_scale=util.between(0, 1, lo_ok=False), layer_decay=util.between(0, 1, lo_ok=False),
+        momentum=util.between(0, 1, hi_ok=False), mixup=util.NON_NEGATIVE, cutmix=util.NON_NEGATIVE,
+        color_jitter=util.NON_NEGATIVE))
     patch = args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
     if args.input_size % patch:
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
@@ -385,33 +398,47 @@ def check_args(args):
         raise util.ConfigError("--eval needs the classifier to evaluate: --resume PATH (or --finetune PATH)")
     if args.linprobe and args.drop_path:
         raise util.ConfigError("--linprobe trains only the head: --drop_path must be 0")
-    for flag, lo, hi in (("smoothing", 0, 0.999), ("reprob", 0, 1), ("drop_path", 0, 0.999),
-                         ("model_ema_decay", 0, 0.999999), ("min_crop_scale", 1e-6, 1)):
-        if not lo <= getattr(args, flag) <= hi:
-            raise util.ConfigError(f"--{flag} must lie in [{lo}, {hi}], got {getattr(args, flag)}")
-    if args.mixup < 0 or args.cutmix < 0:
-        raise util.ConfigError("--mixup and --cutmix are Beta(a, a) parameters: 0 (off) or positive")
     parse_randaugment(args.aa)
+
+
+def check_classes(train, val):
+    """Train and val must name the same classes in the same order: label i means one class."""
+    if list(train) != list(val):
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        detail = (f"only in train: {only_train or 'none'}, only in val: {only_val or 'none'}"
+                  if only_train or only_val else "the same names in another order")
+        raise util.ConfigError(f"the training and validation splits have different classes ({detail})")
+
+
+# What a resumed run must keep: the classifier and what it starts from.
+FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "global_pool", "linprobe", "finetune", "uniform_heads")
 
 
 def main(args):
     check_args(args)
     dinfo = util.init_distributed(args.device)
     device = dinfo.device
-    val_set, num_classes = util.build_dataset(args, train=False,
-                                              transform=util.eval_transform(args.input_size))
+    if not args.eval:
+        util.prepare_output_dir(args)
+    val_set, classes = util.build_dataset(args, train=False, transform=util.eval_transform(args.input_size))
+    num_classes = len(classes)
     val_loader = build_val_loader(val_set, args, dinfo)
     if not args.eval:
-        train_set, n = util.build_dataset(args, train=True, transform=train_transform(args))
-        if n != num_classes:
-            raise util.ConfigError(f"the training split has {n} classes, the validation split {num_classes}")
+        train_set, train_classes = util.build_dataset(args, train=True, transform=train_transform(args))
+        check_classes(train_classes, classes)
         loader = util.build_train_loader(train_set, args, dinfo)
 
     source = (args.resume or args.finetune) if args.eval else args.finetune
     obj = util.load_checkpoint(source) if source else None  # read once, before the model is built
     lbh = util.infer_vit_config(obj, name=source)["last_block_heads"] if obj is not None else None
-    if lbh:
-        print0(f"{source}: its last block has {lbh} heads (a TinyMIM relation student), as the model's")
+    if lbh and args.uniform_heads:  # the official TinyMIM fine-tuning: re-split its q/k/v
+        print0(f"{source}: its last block has {lbh} heads (a TinyMIM relation student); "
+               f"--uniform_heads re-splits it into the model's {args.num_heads or 'preset'} heads")
+        obj = {**obj, "model_config": {**obj["model_config"], "last_block_heads": None}}
+        lbh = None
+    elif lbh:
+        print0(f"{source}: its last block has {lbh} heads (a TinyMIM relation student), as the model's "
+               f"(--uniform_heads: the --num_heads split in every block, as the official TinyMIM code)")
     torch.manual_seed(args.seed)  # the same initial weights (and head) on every rank
     model = build_model(args, num_classes, last_block_heads=lbh)
     autocast, scaler = util.amp_setup(args.precision, device)
@@ -435,7 +462,7 @@ def main(args):
     ema = build_ema(model, args) if args.model_ema else None
     if ema is not None:
         optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
-    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler)
+    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
     best = 0.0
     if start_epoch > 0:  # the entries util.resume_checkpoint does not restore
         best = ckpt.get("best_acc1", 0.0)
@@ -451,7 +478,6 @@ def main(args):
     step = partial(classify_step, mixing=build_mixing(args, num_classes), smoothing=args.smoothing,
                    device=device)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)

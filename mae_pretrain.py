@@ -76,15 +76,16 @@ def get_args_parser():
 # Masking and patches (module-level: the reference pieces other code compares against)
 
 
-def random_masking(x, mask_ratio, noise=None):
+def random_masking(x, mask_ratio, noise=None, len_keep=None):
     """Per-sample random masking by argsort of uniform noise (small noise = kept).
 
     x: [N, L, D] tokens; noise: optional [N, L] (fixes the mask, for comparisons).
-    Returns x_masked [N, int(L * (1 - mask_ratio)), D], mask [N, L] (1 = removed,
-    0 = kept, in the original order) and ids_restore [N, L] (inverse permutation).
+    Returns x_masked [N, len_keep, D], mask [N, L] (1 = removed, 0 = kept, in the
+    original order) and ids_restore [N, L] (inverse permutation). len_keep defaults to
+    MAE's int(L * (1 - mask_ratio)); AMD's count differs (distill_pretrain.amd_keep_counts).
     """
     N, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
+    len_keep = int(L * (1 - mask_ratio)) if len_keep is None else len_keep
     if noise is None:
         noise = torch.rand(N, L, device=x.device)
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -161,16 +162,23 @@ class MaskedAutoencoderViT(VisionTransformer):
             x, _ = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # [N, L, p*p*C], cls dropped
 
-    def forward_loss(self, imgs, pred, mask):
-        """Per-patch MSE averaged over removed patches (over all if none is removed)."""
+    def forward_loss(self, imgs, pred, mask, target=None):
+        """Per-patch MSE averaged over removed patches (over all if none is removed).
+        target: [N, L, p*p*C] to use instead of MAE's (norm-)pixel patches of imgs."""
+        if target is None:
+            target = self.pixel_target(imgs)
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
+        removed = mask.sum()
+        return torch.where(removed > 0, (loss * mask).sum() / removed.clamp(min=1), loss.mean())
+
+    def pixel_target(self, imgs):
+        """MAE's target [N, L, p*p*C]: the patches, each standardised with --norm_pix_loss."""
         target = patchify(imgs, self.patch_size)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as torch's default and MAE
             target = (target - mean) / (var + 1e-6) ** 0.5
-        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
-        removed = mask.sum()
-        return torch.where(removed > 0, (loss * mask).sum() / removed.clamp(min=1), loss.mean())
+        return target
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
@@ -278,6 +286,11 @@ def figure_images(args, n=8):
 # Training
 
 
+# What a resumed run must keep: the model, and the loss it is trained with.
+FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
+                   "norm_pix_loss", "mask_ratio")
+
+
 def mae_step(model, batch, *, mask_ratio, num_patches, device):
     imgs, _, seeds = batch
     noise = util.per_sample_uniform(seeds, num_patches, device)  # the sample's own mask
@@ -287,19 +300,30 @@ def mae_step(model, batch, *, mask_ratio, num_patches, device):
 
 def check_args(args):
     util.check_common_args(args)
-    if not 0 <= args.mask_ratio < 1:
-        raise util.ConfigError(f"--mask_ratio must lie in [0, 1), got {args.mask_ratio}")
-    patch = args.patch_size or MAE_PRESETS[args.model].get("patch_size", 16)
+    preset = {**MAE_PRESETS[args.model], **{k: getattr(args, k) for k in (
+        "patch_size", "num_heads", "decoder_embed_dim", "decoder_num_heads") if getattr(args, k)}}
+    patch = preset.get("patch_size", 16)
     if args.input_size % patch:
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
-    if not 0 < args.min_crop_scale <= 1:
-        raise util.ConfigError(f"--min_crop_scale must lie in (0, 1], got {args.min_crop_scale}")
+    check_widths(preset["embed_dim"], preset["num_heads"], preset["decoder_embed_dim"],
+                 preset["decoder_num_heads"], f"--model {args.model}")
+
+
+def check_widths(width, heads, decoder_width, decoder_heads, model):
+    """Head counts must divide the widths; the fixed sin-cos embeddings need multiples of 4."""
+    if width % heads:
+        raise util.ConfigError(f"--num_heads {heads} does not divide the width {width} of {model}")
+    if decoder_width % decoder_heads or decoder_width % 4:
+        raise util.ConfigError(f"--decoder_embed_dim {decoder_width} must be divisible by "
+                               f"--decoder_num_heads {decoder_heads} and by 4 (its sin-cos position "
+                               f"embedding)")
 
 
 def main(args):
     check_args(args)
     dinfo = util.init_distributed(args.device)
     device = dinfo.device
+    util.prepare_output_dir(args)
     dataset, _ = util.build_dataset(args, train=True,
                                     transform=util.pretrain_transform(args.input_size, args.min_crop_scale))
     loader = util.build_train_loader(dataset, args, dinfo)
@@ -321,7 +345,7 @@ def main(args):
     util.effective_lr(args, dinfo.world_size)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
     autocast, scaler = util.amp_setup(args.precision, device)
-    start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler)
+    start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
 
     net = model
     if dinfo.world_size > 1:
@@ -329,7 +353,6 @@ def main(args):
     if args.compile:
         net = torch.compile(net)
     step = partial(mae_step, mask_ratio=args.mask_ratio, num_patches=model.num_patches, device=device)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)

@@ -57,17 +57,21 @@ class CheckpointError(UserError):
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; nothing is saved from that epoch."""
+    """The loss or the weights became NaN or infinite; nothing is saved from that epoch."""
 
 
 def run_main(main, parser):
-    """Parse arguments and run `main(args)`; a UserError ends it with one line on stderr."""
+    """Parse arguments and run `main(args)`. A UserError ends it with one line on stderr and
+    exit status 1; Ctrl-C with one line saying what checkpoint.pth holds and status 130."""
     args = parser.parse_args()
     try:
         main(args)
-    except UserError as e:
+    except (UserError, KeyboardInterrupt) as e:
         for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open by an error raised
             bar.close()  # mid-epoch (a corrupt image) would otherwise share the message's line
+        if isinstance(e, KeyboardInterrupt):
+            print(f"interrupted. {last_good(args)}", file=sys.stderr, flush=True)
+            sys.exit(130)
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
@@ -147,10 +151,13 @@ def stable_seed(*parts):
 
 
 def plain_args(args):
-    """argparse.Namespace -> dict of plain data (safe for weights_only loading)."""
+    """argparse.Namespace -> dict of plain data (safe for weights_only loading). Attributes
+    starting with '_' are the run's bookkeeping, not flags, and are left out."""
     ok = (str, int, float, bool, type(None))
     out = {}
     for k, v in vars(args).items():
+        if k.startswith("_"):
+            continue
         if isinstance(v, (list, tuple)):
             v = [x if isinstance(x, ok) else str(x) for x in v]
         out[k] = v if isinstance(v, ok + (list,)) else str(v)
@@ -159,19 +166,40 @@ def plain_args(args):
 
 def save_checkpoint(path, state):
     """Write atomically: a temp file in the same folder, fsync, then rename over `path`.
-    A kill at any moment leaves either the old complete file or the new one."""
+    A kill at any moment leaves either the old complete file or the new one (a stale
+    temp file is removed by the next run, prepare_output_dir). The file gets the umask's
+    permissions, as log.txt does. A failed write (disk full) is a one-line CheckpointError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {path} ({e.strerror or e}); "
+                                  f"{'the previous one is intact' if path.exists() else 'nothing was saved'}") from None
         raise
+
+
+def prepare_output_dir(args):
+    """Before any training: --output_dir must be a writable directory (checked by writing
+    to it), and temp files left by a save that was killed mid-write are removed."""
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--output_dir {out}: cannot write there ({e.strerror or e})") from None
+    if is_main_process():
+        for tmp in out.glob("*.pth.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    return out
 
 
 def load_checkpoint(path):
@@ -191,13 +219,27 @@ def load_checkpoint(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
+        # torch names the Python object the pickle asks for: "Unsupported global: GLOBAL x.y"
+        # (a class) or "unsupported GLOBAL posix.system whose module posix is blocked".
+        blocked = re.search(r"GLOBAL\s+([\w.]+)", text)
+        if blocked:
+            raise CheckpointError(f"{path}: holds Python objects other than tensors ({blocked.group(1)}): "
+                                  f"unpickling it would run code, so it was refused (load it with "
+                                  f"weights_only=False only if you trust its source)") from None
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
         detail = detail.group(1).strip() if detail else (text.strip().splitlines() or [""])[0]
-        if "Unsupported global" in text:
-            raise CheckpointError(f"{path}: holds Python objects other than tensors and plain "
-                                  f"data; refusing to unpickle it ({detail})") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint or the file is corrupt "
                               f"({type(e).__name__}: {detail[:200]})") from None
+
+
+def first_non_finite(named_tensors):
+    """Name of the first floating tensor holding NaN / inf, or values so large (|w| > 1.8e19)
+    that their squares overflow float32 (a LayerNorm or an MSE over them gives inf; `--lr
+    1e37` leaves such weights after one step). None when all are fine."""
+    for k, v in named_tensors:
+        if v.is_floating_point() and not torch.isfinite(v.detach().float().square()).all():
+            return k
+    return None
 
 
 def load_state_strict(model, state_dict, path):
@@ -213,19 +255,58 @@ def load_state_strict(model, state_dict, path):
         raise CheckpointError(f"{path}: does not match the model: {len(missing)} missing keys "
                               f"(first: {missing[:1]}), {len(unexpected)} unexpected "
                               f"(first: {unexpected[:1]})")
+    bad = first_non_finite(state_dict.items())
+    if bad:
+        raise CheckpointError(f"{path}: {bad} holds NaN or infinite values; the checkpoint is unusable")
     model.load_state_dict(state_dict)
 
 
-def resume_checkpoint(args, model, optimizer, scaler=None):
+# Flags a resumed run must keep: they define the model or the method. Each stage names
+# its own; these are the ones every stage has.
+FIXED_ON_RESUME = ("model", "input_size", "patch_size", "num_heads")
+
+
+def same_flag(flag, old, new):
+    """Flag values equal; paths (--teacher, --finetune) equal when they name the same file."""
+    if old == new:
+        return True
+    if flag in ("teacher", "finetune") and old and new and Path(old).exists() and Path(new).exists():
+        return os.path.samefile(old, new)
+    return False
+
+
+def check_resumed_args(args, saved, path, fixed):
+    """A resumed run must not change what defines the model or the method (`fixed` flags):
+    refuse with one line. Other changes (batch size, lr, epochs) are allowed and listed."""
+    where = "" if args.resume else f" (found in --output_dir {args.output_dir})"
+    new = plain_args(args)
+    for flag in fixed:
+        if flag in saved and flag in new and not same_flag(flag, saved[flag], new[flag]):
+            was, now = ("(not given)" if v is None else v for v in (saved[flag], new[flag]))
+            raise ConfigError(f"{path}{where} was trained with --{flag} {was}, this run has "
+                              f"--{flag} {now}: a resumed run must keep the flags that define "
+                              f"the model and the method (use another --output_dir for a new run)")
+    changed = [f"--{k} {saved[k]} -> {v}" for k, v in new.items()
+               if k in saved and k not in ("resume", "lr") and saved[k] != v]
+    if changed:
+        print0(f"resuming {path}{where} with changed flags: {', '.join(changed)}")
+
+
+def resume_checkpoint(args, model, optimizer, scaler=None, fixed=FIXED_ON_RESUME):
     """Restore a run from --resume, or from <output_dir>/checkpoint.pth when it exists
-    (a requeued job continues with the same command). Returns (first epoch to run, the
-    checkpoint dict or None) so a stage can restore entries of its own (an EMA, a best score)."""
+    (a requeued job continues with the same command). The flags in `fixed` must equal the
+    checkpoint's. Returns (first epoch to run, the checkpoint dict or None) so a stage can
+    restore entries of its own (an EMA, a best score)."""
     path = args.resume or (Path(args.output_dir) / "checkpoint.pth")
+    args._args_history = []
     if not args.resume and not Path(path).is_file():
         return 0, None
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: no 'model' entry; --resume takes a training checkpoint")
+    if isinstance(ckpt.get("args"), dict):  # this project's checkpoint: the run's flags
+        check_resumed_args(args, ckpt["args"], path, fixed)
+        args._args_history = list(ckpt.get("args_history") or [ckpt["args"]])
     load_state_strict(model, ckpt["model"], path)
     if "optimizer" in ckpt and "epoch" in ckpt:
         try:
@@ -234,6 +315,8 @@ def resume_checkpoint(args, model, optimizer, scaler=None):
             raise CheckpointError(f"{path}: optimizer state does not fit ({e})") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if Path(path).resolve() == (Path(args.output_dir) / "checkpoint.pth").resolve():
+            args._saved_epoch = ckpt["epoch"]  # what a stop message reports
         print0(f"resumed {path}: epoch {ckpt['epoch']} done, continuing at {ckpt['epoch'] + 1}")
         return ckpt["epoch"] + 1, ckpt
     print0(f"loaded weights only from {path} (no optimizer state / epoch): starting at epoch 0")
@@ -243,19 +326,30 @@ def resume_checkpoint(args, model, optimizer, scaler=None):
 def save_training_state(args, model, optimizer, scaler, epoch, extra=None):
     """Rank 0 writes <output_dir>/checkpoint.pth (always the latest complete epoch) and,
     every --save_every epochs, a kept copy checkpoint-<epoch>.pth. `extra`: more entries
-    for the same file (an EMA model, the best accuracy so far)."""
-    if not is_main_process():
-        return
-    model = unwrap(model)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None,
-             "epoch": epoch, "args": plain_args(args),
-             "model_config": getattr(model, "config", None), **(extra or {})}
-    out = Path(args.output_dir)
-    save_checkpoint(out / "checkpoint.pth", state)
-    every = getattr(args, "save_every", 0)
-    if every and ((epoch + 1) % every == 0 or epoch + 1 == args.epochs):
-        save_checkpoint(out / f"checkpoint-{epoch}.pth", state)
+    for the same file (an EMA model, the best accuracy so far). 'args' holds this run's
+    flags, 'args_history' those of every start of the run (a resumed run appends)."""
+    if is_main_process():
+        model = unwrap(model)
+        history = getattr(args, "_args_history", [])
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "epoch": epoch, "args": plain_args(args), "args_history": history + [plain_args(args)],
+                 "model_config": getattr(model, "config", None), **(extra or {})}
+        out = Path(args.output_dir)
+        save_checkpoint(out / "checkpoint.pth", state)
+        every = getattr(args, "save_every", 0)
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(out / f"checkpoint-{epoch}.pth", state)
+    args._saved_epoch = epoch
+
+
+def last_good(args):
+    """What <output_dir>/checkpoint.pth holds, for the message of a stopped run."""
+    epoch = getattr(args, "_saved_epoch", None)
+    if epoch is None:
+        return "No checkpoint was written."
+    path = Path(args.output_dir) / "checkpoint.pth"
+    return f"{path} still holds the last good epoch ({epoch}): rerun the same command to continue"
 
 
 # ----------------------------------------------------------------------------
@@ -347,8 +441,15 @@ def infer_vit_config(path_or_obj, name=None):
         raise CheckpointError(f"{name}: patch_embed.proj.weight has shape {tuple(w.shape)}, not the "
                               f"(D, C, p, p) of an image ViT (a video model?)")
     D, C, p, _ = w.shape
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if "blocks.0.mlp.fc1.weight" not in sd:
+        raise CheckpointError(f"{name}: has no blocks.0.mlp.fc1.weight (a partial checkpoint? "
+                              f"found {len(sd)} tensors: {_group(list(sd))[:160]})")
+    depth = 1 + max(blocks)
     grid = math.isqrt(sd["pos_embed"].shape[1] - 1) if "pos_embed" in sd else None
+    if grid is not None and grid * grid != sd["pos_embed"].shape[1] - 1:
+        raise CheckpointError(f"{name}: pos_embed has {sd['pos_embed'].shape[1]} rows: not a cls "
+                              f"row plus a square grid of patches")
     cfg = dict(embed_dim=D, depth=depth, patch_size=p, in_chans=C,
                img_size=grid * p if grid else None,
                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
@@ -389,9 +490,14 @@ def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=Tr
         if k not in own:
             continue
         want = own[k].shape
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{path}: {k} holds NaN or infinite values; the checkpoint is unusable")
         if k.endswith("pos_embed") and v.shape != want and v.shape[-1] == want[-1]:
             old, new = math.isqrt(v.shape[1] - 1), math.isqrt(want[1] - 1)
-            v = interpolate_pos_embed(v, new)
+            try:
+                v = interpolate_pos_embed(v, new)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {k}: {e}") from None
             notes.append(f"{k} interpolated from a {old}x{old} to a {new}x{new} grid")
         if v.shape != want:
             if k.startswith("head."):
@@ -494,6 +600,9 @@ def effective_lr(args, world_size):
     eff = args.batch_size * args.accum_iter * world_size
     if args.lr is None:
         args.lr = args.blr * eff / 256
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min_lr {args.min_lr:g} exceeds the lr {args.lr:g}: the cosine schedule "
+                          f"would rise instead of decay")
     print0(f"effective batch {eff} = {args.batch_size} per process x {args.accum_iter} "
            f"accumulation x {world_size} processes; base lr {args.blr:.3g}, lr {args.lr:.3g}")
     return args.lr
@@ -603,7 +712,7 @@ def build_dataset(args, train, transform=None):
     under --data_path (default ./data), fetched only with --download. A corrupt image in
     an ImageFolder stops the run with CorruptImageError naming the file (it is not
     skipped: every run must see the same images, and evaluation must count each one).
-    Returns (dataset, num_classes).
+    Returns (dataset, class names).
     """
     from torchvision import datasets
     name = args.dataset
@@ -613,7 +722,7 @@ def build_dataset(args, train, transform=None):
         seed = args.seed if train else args.seed + 1
         n = args.synthetic_samples if train else max(args.synthetic_samples // 4, 8)
         ds = SyntheticShapes(n, args.input_size, seed, "train" if train else "val", transform)
-        return ds, len(ds.classes)
+        return ds, list(ds.classes)
     if name == "imagefolder":
         if not args.data_path:
             raise ConfigError("--dataset imagefolder needs --data_path")
@@ -624,10 +733,13 @@ def build_dataset(args, train, transform=None):
             raise ConfigError(f"--data_path {args.data_path}: no {root.name}/ folder (expected the "
                               f"ImageNet layout: {root.name}/<class>/<image>)")
         try:
-            ds = datasets.ImageFolder(str(root), transform=transform, loader=read_rgb_image)
+            ds = image_folder(str(root), transform, read_rgb_image)
         except (OSError, RuntimeError) as e:  # empty, no class folders, unreadable
             raise ConfigError(f"--data_path {root}: {e}") from None
-        return ds, len(ds.classes)
+        if ds.skipped_links:
+            print0(f"--data_path {root}: skipped {len(ds.skipped_links)} symlinked folder(s) whose "
+                   f"images were already listed (a link loop?), first {ds.skipped_links[0]}")
+        return ds, ds.classes
     if name in ("cifar10", "cifar100"):
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         root = args.data_path or "./data"
@@ -635,7 +747,7 @@ def build_dataset(args, train, transform=None):
             ds = cls(root, train=train, transform=transform, download=args.download)
         except RuntimeError as e:
             raise ConfigError(f"--dataset {name} under {root}: {e} (add --download to fetch it)") from None
-        return ds, len(ds.classes)
+        return ds, list(ds.classes)
     if name in DOWNSTREAM:
         cls_name, train_splits, test_split, needs_scipy = DOWNSTREAM[name]
         cls = getattr(datasets, cls_name)
@@ -655,7 +767,7 @@ def build_dataset(args, train, transform=None):
             raise ConfigError(f"--dataset {name} under {root}: {detail}"
                               f"{hint if name == 'cars' or not args.download else ''}") from None
         ds = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
-        return ds, len(parts[0].classes)
+        return ds, list(parts[0].classes)
     raise ConfigError(f"unknown --dataset {name!r}; choose from auto, imagefolder, synthetic, "
                       f"cifar10, cifar100, {', '.join(DOWNSTREAM)}")
 
@@ -670,6 +782,50 @@ DOWNSTREAM = {
     "aircraft": ("FGVCAircraft", ("trainval",), "test", False),  # 100 variants, 6667 / 3333
     "cars": ("StanfordCars", ("train",), "test", True),  # 196 classes, 8144 / 8041
 }
+
+
+def list_images_once(directory, class_to_idx, is_valid):
+    """ImageFolder's listing (sorted folders, sorted names, symlinks followed: a subset can
+    be a folder of links) that enters each real folder once, and never the split's root or
+    another class's folder from inside a class. A link back up the tree would list the same
+    images again and again: one `train/cat/loop -> ..` made 40 images 1640.
+    Returns (samples [(path, class index)], the symlinked folders skipped)."""
+    real = os.path.realpath
+    seen = {real(directory)} | {real(os.path.join(directory, c)) for c in class_to_idx}
+    samples, skipped = [], []
+    for cls in sorted(class_to_idx):
+        walk = []
+        for root, dirs, files in os.walk(os.path.join(directory, cls), followlinks=True):
+            walk.append((root, files))
+            for d in list(dirs):
+                if real(os.path.join(root, d)) in seen:
+                    skipped.append(os.path.join(root, d))
+                    dirs.remove(d)  # not entered: its images are listed elsewhere
+                seen.add(real(os.path.join(root, d)))
+        for root, files in sorted(walk):
+            samples += [(os.path.join(root, f), class_to_idx[cls]) for f in sorted(files)
+                        if is_valid(os.path.join(root, f))]
+    return samples, skipped
+
+
+def image_folder(root, transform, loader):
+    """torchvision's ImageFolder listed by list_images_once (`skipped_links` on the dataset)."""
+    from torchvision import datasets
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    class ImageFolder(datasets.ImageFolder):
+        def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
+                         allow_empty=False):
+            samples, self.skipped_links = list_images_once(
+                directory, class_to_idx,
+                is_valid_file or (lambda f: has_file_allowed_extension(f, extensions or IMG_EXTENSIONS)))
+            found = {t for _, t in samples}
+            empty = sorted(c for c, i in class_to_idx.items() if i not in found)
+            if empty and not allow_empty:
+                raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+            return samples
+
+    return ImageFolder(root, transform=transform, loader=loader)
 
 
 class CorruptImageError(ConfigError):
@@ -821,10 +977,38 @@ def add_run_args(parser, output_dir):
     return g
 
 
-def check_common_args(args):
-    for flag in ("batch_size", "accum_iter", "epochs", "input_size"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+# Ranges of the numeric flags: (low, high, low allowed, high allowed, the rule in words);
+# every value must also be finite. A stage checks its own with check_common_args(args, {...}).
+def between(lo, hi, lo_ok=True, hi_ok=True):
+    return lo, hi, lo_ok, hi_ok, f"lie in {'[' if lo_ok else '('}{lo}, {hi}{']' if hi_ok else ')'}"
+
+
+AT_LEAST_1 = (1, math.inf, True, False, "be at least 1")
+POSITIVE = (0, math.inf, False, False, "be positive")
+NON_NEGATIVE = (0, math.inf, True, False, "be 0 or more")
+FLAG_RANGES = dict(
+    batch_size=AT_LEAST_1, accum_iter=AT_LEAST_1, epochs=AT_LEAST_1, input_size=AT_LEAST_1,
+    patch_size=AT_LEAST_1, num_heads=AT_LEAST_1, print_freq=AT_LEAST_1, synthetic_samples=AT_LEAST_1,
+    decoder_embed_dim=AT_LEAST_1, decoder_depth=AT_LEAST_1, decoder_num_heads=AT_LEAST_1,
+    num_workers=NON_NEGATIVE, save_every=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE,
+    blr=POSITIVE, lr=POSITIVE, min_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, clip_grad=POSITIVE,
+    mask_ratio=between(0, 1, hi_ok=False), min_crop_scale=between(0, 1, lo_ok=False))
+
+
+def check_ranges(args, ranges):
+    """One-line ConfigError for the first flag outside its range (None = not set)."""
+    for flag, (lo, hi, lo_ok, hi_ok, rule) in ranges.items():
+        value = getattr(args, flag, None)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            inside = v is None or (math.isfinite(v) and (v > lo or lo_ok and v == lo)
+                                   and (v < hi or hi_ok and v == hi))
+            if not inside:
+                raise ConfigError(f"--{flag} must {rule}, got {v}")
+
+
+def check_common_args(args, ranges=None):
+    """The flags every training stage has, plus a stage's own `ranges`."""
+    check_ranges(args, {**FLAG_RANGES, **(ranges or {})})
     if args.warmup_epochs > args.epochs:
         raise ConfigError(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
 
@@ -845,8 +1029,8 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
     """One epoch of `loss, terms = step_fn(model, batch)` with the per-iteration lr
     schedule, accumulation (no_sync on all but the last micro-batch), optional grad
     clipping and fp16 scaling. Returns the epoch's mean loss and terms over all ranks,
-    lr, throughput and peak memory. Raises NonFiniteLossError on a NaN/inf loss
-    (checked at each progress update and at the end) before anything is saved."""
+    lr, throughput and peak memory. Raises NonFiniteLossError on a NaN/inf loss (checked
+    at each progress update and at the end) or non-finite weights, before anything is saved."""
     model.train(True)
     # Drop path, mixup and the like draw from the global RNG: reseed it from (seed, epoch,
     # rank) so a resumed run draws what the uninterrupted one drew, without saving RNG state.
@@ -898,7 +1082,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
             if not math.isfinite(mean_loss):
                 bar.close()
                 raise NonFiniteLossError(f"loss is {mean_loss} at epoch {epoch}, step {i + 1}; "
-                                         f"stopping. {_last_good(args)}")
+                                         f"stopping. {last_good(args)}")
             rate = images * dist_world() / (time.time() - t0)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
     bar.close()
@@ -908,16 +1092,16 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
     stats = {k: (stats[j] / stats[-1]).item() for j, k in enumerate(sums)}
     if not all(math.isfinite(v) for v in stats.values()):
         raise NonFiniteLossError(f"non-finite loss in epoch {epoch} ({stats}); stopping. "
-                                 f"{_last_good(args)}")
+                                 f"{last_good(args)}")
+    # A finite loss does not make the updated weights usable (the last step may have sent
+    # them to inf): every rank checks its own copy, so all stop together, before any save.
+    bad = first_non_finite(unwrap(model).state_dict().items())
+    if bad:
+        raise NonFiniteLossError(f"after epoch {epoch} the weight {bad} holds NaN, inf or values "
+                                 f"beyond 1.8e19 (lr too high?); not saved. {last_good(args)}")
     stats.update(lr=lr, img_per_s=images * dist_world() / elapsed, epoch_time_s=elapsed,
                  peak_mem_mb=peak_memory_mb(device))
     return stats
-
-
-def _last_good(args):
-    path = Path(args.output_dir) / "checkpoint.pth"
-    return (f"{path} still holds the last good epoch" if path.is_file()
-            else "No checkpoint was written.")
 
 
 def dist_world():

@@ -1,6 +1,7 @@
 """distill_pretrain.py: each loss against a hand computation, the masks, the teacher, and
 whole runs of every method from a teacher made by mae_pretrain.py."""
 import json
+import math
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ import mae_pretrain
 import util
 from conftest import error_line, run_script, run_torchrun
 from mae_pretrain import MaskedAutoencoderViT, random_masking
-from vit import VisionTransformer, gather_tokens, sincos_pos_embed
+from vit import VisionTransformer, gather_tokens
 
 B = 2
 
@@ -58,6 +59,22 @@ def test_attention_loss_mixes_student_heads_with_a_bias_free_map_then_takes_the_
     assert loss(s, t).item() == pytest.approx(((mixed - t) ** 2).mean().item(), rel=1e-5)
 
 
+def reference_sinusoid(n, d):
+    """VideoMAE's get_sinusoid_encoding_table, element by element: angle t / 10000^(2 (j // 2) / d),
+    sin at even channels, cos at odd ones."""
+    out = torch.zeros(n, d, dtype=torch.float64)
+    for t in range(n):
+        for j in range(d):
+            angle = t / 10000 ** (2 * (j // 2) / d)
+            out[t, j] = math.sin(angle) if j % 2 == 0 else math.cos(angle)
+    return out.float()
+
+
+def test_amd_generator_positions_are_the_1d_sinusoid_over_token_indices():
+    align = dp.AMDAlignment(student_dim=8, teacher_dim=64, num_layers=1, grid_size=4)
+    assert torch.allclose(align.pos, reference_sinusoid(16, 64), atol=1e-6)
+
+
 def test_amd_direct_and_generation_losses_match_a_hand_computation():
     torch.manual_seed(0)
     align = dp.AMDAlignment(student_dim=8, teacher_dim=64, num_layers=2, grid_size=4)
@@ -65,7 +82,7 @@ def test_amd_direct_and_generation_losses_match_a_hand_computation():
     ns, ne = keep.shape[1], extra.shape[1]
     s = [torch.randn(B, ns, 8) for _ in range(2)]
     t = [torch.randn(B, ns + ne, 64) for _ in range(2)]
-    pos = sincos_pos_embed(64, 4, cls_token=False)  # (16, 64): patch k's fixed position
+    pos = reference_sinusoid(16, 64)  # (16, 64): patch k's fixed position, AMD's 1-D table
     direct, gen = [], []
     for l in range(2):
         p = s[l] @ align.projectors[l].weight.T
@@ -112,10 +129,11 @@ def test_feature_loss_is_smooth_l1_beta_2_against_a_layer_norm_without_affine():
 
 def test_asymmetric_masks_have_the_stated_counts_and_the_student_set_inside_the_teachers():
     keep, extra = dp.asymmetric_masking(4, 49, 0.75, 0.5)
-    assert keep.shape == (4, int(49 * 0.25)) == (4, 12)
-    assert extra.shape == (4, int(49 * 0.5) - 12) == (4, 12)
+    # AMD's generator removes int(r L) patches: 49 - 36 = 13 kept (MAE's int(L (1 - r)) gives 12)
+    assert keep.shape == (4, 49 - int(0.75 * 49)) == (4, 13)
+    assert extra.shape == (4, 49 - int(0.5 * 49) - 13) == (4, 12)
     for k, e in zip(keep.tolist(), extra.tolist()):
-        assert len(set(k)) == 12 and len(set(e)) == 12 and not set(k) & set(e)  # disjoint
+        assert len(set(k)) == 13 and len(set(e)) == 12 and not set(k) & set(e)  # disjoint
         assert all(0 <= i < 49 for i in k + e)
 
 
@@ -387,3 +405,28 @@ def test_a_corrupt_teacher_exits_non_zero_with_one_line(tmp_path):
     assert proc.returncode == 1
     assert error_line(proc).startswith(f"error: {tmp_path / 'torn.pth'}: not a PyTorch checkpoint")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- AMD's own settings, as its code has them ---------------------------------------------
+
+
+def test_amd_pixel_target_standardises_each_patch_per_channel_on_the_unnormalised_image():
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 8, 8)
+    got = dp.amd_pixel_target(imgs, 4)  # (2, 4, 48) in MAE's (p, q, c) order
+    mean, std = torch.tensor(util.IMAGENET_MEAN), torch.tensor(util.IMAGENET_STD)
+    for b in range(2):
+        for row in range(2):
+            for col in range(2):
+                patch = imgs[b, :, 4 * row:4 * row + 4, 4 * col:4 * col + 4] * std[:, None, None] + mean[:, None, None]
+                for c in range(3):
+                    x = patch[c]
+                    expected = (x - x.mean()) / (x.std(unbiased=True) + 1e-6)  # (4, 4)
+                    assert torch.allclose(got[b, 2 * row + col, c::3], expected.flatten(), atol=1e-5)
+
+
+@pytest.mark.parametrize("method, width, size", [("amd", 384, (192, 4, 3)), ("amd", 768, (384, 4, 6)),
+                                                 ("amd", 192, (96, 4, 3)), ("attn", 192, (96, 1, 3))])
+def test_each_method_gets_its_papers_pixel_decoder(method, width, size):
+    """AMD's ViT-S / ViT-B decoders are VideoMAE's (192 x 4 x 3, 384 x 4 x 6); MAE-Lite's is 96 x 1 x 3."""
+    assert dp.decoder_size(method, width) == size

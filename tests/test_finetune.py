@@ -321,3 +321,21 @@ def test_a_relation_students_adaptive_last_block_is_kept_for_fine_tuning(tmp_pat
                         "--output_dir", out))
     saved = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model_config"]
     assert (saved["num_heads"], saved["last_block_heads"]) == (3, 6)
+
+
+def test_uniform_heads_resplits_a_relation_students_last_block_keeping_its_weights(tmp_path):
+    """The official TinyMIM fine-tuning: the adaptive last block's q/k/v, trained with 6
+    heads, are used with the model's 3; the tensors themselves load unchanged."""
+    torch.manual_seed(0)
+    student = VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                                num_classes=0, last_block_heads=6)
+    path = tmp_path / "tinymim_student.pth"
+    torch.save({"model": {"student." + k: v for k, v in student.state_dict().items()},
+                "model_config": student.config}, path)
+    out = tmp_path / "run"
+    finetune.main(parse("--finetune", path, "--uniform_heads", "--epochs", "1", "--warmup_epochs", "0",
+                        "--batch_size", "16", "--lr", "1e-12", "--min_lr", "0", "--output_dir", out))
+    saved = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert (saved["model_config"]["num_heads"], saved["model_config"]["last_block_heads"]) == (3, None)
+    qkv = saved["model"]["blocks.11.attn.qkv.weight"]
+    assert torch.allclose(qkv, student.state_dict()["blocks.11.attn.qkv.weight"], atol=1e-6)

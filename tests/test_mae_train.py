@@ -57,9 +57,10 @@ def test_a_run_killed_at_any_point_leaves_a_loadable_checkpoint_and_continues(tm
     out = tmp_path / "run"
     cmd = [sys.executable, *TINY, "--batch_size", "8", "--epochs", "6", "--output_dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "log.txt").exists() and time.time() < deadline:
+    deadline = time.monotonic() + 900  # waits for an event; a busy machine only waits longer
+    while not (out / "log.txt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert (out / "log.txt").exists(), "the first epoch never finished"
     proc.send_signal(signal.SIGKILL)  # somewhere in epoch 1, or while it saves
     proc.wait()
     done = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["epoch"]
