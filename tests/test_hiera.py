@@ -1,4 +1,4 @@
-"""hiera.py: timm's Hiera as the reference, HIERA.md's facts, the public taps."""
+"""hiera.py and MAE on Hiera: timm's Hiera as the reference, HIERA.md's facts."""
 import functools
 
 import pytest
@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import hiera
 import util
 from hiera import Hiera, create_hiera, reroll, unroll
+from mae_pretrain import (MaskedAutoencoderHiera, create_mae_hiera, patchify_hiera,
+                          random_unit_mask, reconstruct_hiera)
 
 IMG = 64  # 16x16 tokens, 2x2 mask units: the smallest image Hiera takes
 TINY = dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2))  # hiera_tiny_224
@@ -206,3 +208,133 @@ def test_bad_sizes_and_masks_fail_with_one_line():
         ours.embed(IMGS, keep_two_of_four().float())
     with pytest.raises(util.ConfigError, match="same number of mask units"):
         ours.embed(IMGS, torch.tensor([[True, True, True, False], [True, False, False, False]]))
+
+
+# -- MAE on Hiera ---------------------------------------------------------------------
+
+
+def small_mae(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MaskedAutoencoderHiera(**{"img_size": IMG, **STUDENT, "decoder_embed_dim": 32,
+                                     "decoder_depth": 1, "decoder_num_heads": 2, **kw}).eval()
+
+
+def test_unit_mask_keeps_the_int_U_times_one_minus_ratio_smallest_noises():
+    noise = torch.rand(3, 49)
+    for ratio, n_keep in ((0.4, 29), (0.6, 19)):  # HIERA.md section 4
+        keep = random_unit_mask(3, 49, ratio, noise)
+        assert keep.dtype == torch.bool and keep.sum(1).tolist() == [n_keep] * 3
+        for b in range(3):
+            smallest = sorted(range(49), key=lambda u: noise[b, u].item())[:n_keep]
+            assert set(keep[b].nonzero().flatten().tolist()) == set(smallest)
+
+
+def test_forward_mask_marks_the_patches_of_removed_units_in_raster_order():
+    mae = small_mae()  # 64 px, q_pool 2: 16 px patches, a 4x4 grid, 2x2 patches per unit
+    noise = torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.7, 0.3, 0.6, 0.4]])
+    with torch.no_grad():
+        _, pred, mask = mae(IMGS, 0.5, noise)
+    keep = random_unit_mask(2, 4, 0.5, noise)
+    assert keep.tolist() == [[True, False, False, True], [False, True, False, True]]
+    assert pred.shape == (2, 16, 3 * 16 * 16)
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                unit = (i // 2) * 2 + j // 2
+                assert mask[b, i * 4 + j] == float(not keep[b, unit])
+
+
+def test_target_is_each_16px_patch_ordered_channel_row_column():
+    imgs = torch.randn(1, 3, IMG, IMG)
+    t = patchify_hiera(imgs, 16)
+    for (i, j, c, py, px) in ((1, 2, 2, 3, 5), (3, 0, 0, 15, 1), (0, 3, 1, 7, 14)):
+        assert t[0, i * 4 + j, (c * 16 + py) * 16 + px] == imgs[0, c, i * 16 + py, j * 16 + px]
+    # the official label: NHWC unfolded twice, (C, py, px) per patch (hiera_mae.py)
+    label = imgs.permute(0, 2, 3, 1).unfold(1, 16, 16).unfold(2, 16, 16).flatten(1, 2).flatten(2)
+    assert torch.equal(t, label)
+
+
+def test_loss_ignores_predictions_at_kept_units_and_norm_pix_is_unbiased():
+    mae = small_mae()
+    imgs = torch.rand(2, 3, IMG, IMG) * 5
+    mask = mae.removed_patches(keep_two_of_four())
+    pred = torch.randn(2, 16, 768)
+    base = mae.forward_loss(imgs, pred, mask)
+    changed = pred + (1 - mask)[..., None] * 100.0  # only the kept units' predictions move
+    assert mae.forward_loss(imgs, changed, mask).item() == pytest.approx(base.item())
+    t = patchify_hiera(imgs, 16)
+    n = t.shape[-1]
+    mean = t.sum(-1, keepdim=True) / n
+    target = (t - mean) / torch.sqrt(((t - mean) ** 2).sum(-1, keepdim=True) / (n - 1) + 1e-6)
+    manual = ((pred - target) ** 2).mean(-1)[mask.bool()].mean()  # the official: mean over masked rows
+    assert base.item() == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_encoder_latent_is_the_fusion_of_timms_rerolled_stages():
+    timm_hiera = pytest.importorskip("timm.models.hiera")
+    mae = small_mae()
+    ref = timm_hiera.Hiera(img_size=IMG, num_classes=0, q_pool=2, **STUDENT).eval()
+    result = ref.load_state_dict(mae.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["head.norm.bias", "head.norm.weight"]
+    keep = keep_two_of_four()
+    with torch.no_grad():
+        latent, _ = mae.forward_encoder(IMGS, keep)
+        _, st = ref.forward_features(IMGS, mask=keep, return_intermediates=True)
+        fused = st[3]  # (B, k, 2, 2, 368): the last stage needs nothing
+        for s, conv in ((0, mae.multi_scale_fusion_heads[0]), (1, mae.multi_scale_fusion_heads[1])):
+            y = st[s].flatten(0, 1).permute(0, 3, 1, 2)  # (B*k, C, My, Mx)
+            y = F.conv2d(y, conv.weight, conv.bias, stride=conv.stride)
+            fused = fused + y.permute(0, 2, 3, 1).reshape(fused.shape)
+        want = F.layer_norm(fused, (368,), mae.encoder_norm.weight, mae.encoder_norm.bias, 1e-6)
+    assert latent.shape == (2, 2, 2, 2, 368)
+    torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_puts_each_kept_units_latent_and_mask_tokens_in_raster_order():
+    mae = small_mae(decoder_depth=0)
+    mae.decoder_norm, mae.decoder_pred = torch.nn.Identity(), torch.nn.Identity()
+    keep = keep_two_of_four()
+    latent = torch.randn(2, 2, 2, 2, 368)
+    with torch.no_grad():
+        mae.decoder_pos_embed.zero_()
+        out = mae.forward_decoder(latent, keep)  # (B, 16, 32): decoder_embed'd tokens, raster
+        emb = mae.decoder_embed(latent)
+    for b in range(2):
+        kept = keep[b].nonzero().flatten().tolist()
+        for i in range(4):
+            for j in range(4):
+                unit, y, x = (i // 2) * 2 + j // 2, i % 2, j % 2
+                want = emb[b, kept.index(unit), y, x] if unit in kept else mae.mask_token[0, 0]
+                assert torch.equal(out[b, i * 4 + j], want)
+
+
+def test_every_parameter_gets_a_gradient():
+    mae = small_mae().train()
+    loss, _, _ = mae(IMGS, 0.5)
+    loss.backward()
+    assert [n for n, p in mae.named_parameters() if p.grad is None or not p.grad.any()] == []
+
+
+def test_mae_student_preset_size_and_names():
+    with torch.device("meta"):
+        student = create_mae_hiera("mae_hiera_tiny")
+        base = create_mae_hiera("mae_hiera_base")
+    assert sum(p.numel() for p in student.parameters()) == 6_973_838  # HIERA.md section 2
+    assert (student.q_pool, student.pred_stride, len(student.decoder_blocks)) == (2, 16, 1)
+    assert student.decoder_blocks[0].attn.num_heads == 3 and student.decoder_embed.out_features == 96
+    assert (base.decoder_embed.out_features, len(base.decoder_blocks)) == (512, 8)
+    sd = student.state_dict()
+    assert "norm.weight" not in sd and not any(k.startswith("head.") for k in sd)
+    assert sd["multi_scale_fusion_heads.0.weight"].shape == (368, 46, 4, 4)
+    assert sd["multi_scale_fusion_heads.1.weight"].shape == (368, 92, 2, 2)
+    assert sd["decoder_pos_embed"].shape == (1, 196, 96) and sd["decoder_pred.weight"].shape == (768, 96)
+
+
+def test_reconstruction_pastes_the_visible_units():
+    mae = small_mae()
+    noise = torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.7, 0.3, 0.6, 0.4]])
+    masked, recon, pasted = reconstruct_hiera(mae, IMGS, 0.5, noise)
+    assert masked.shape == recon.shape == pasted.shape == IMGS.shape
+    assert torch.equal(pasted[0, :, :32, :32], IMGS[0, :, :32, :32])  # unit 0 of image 0: kept
+    assert torch.all(masked[0, :, :32, 32:] == 0)  # unit 1: removed
+    assert torch.equal(pasted[0, :, :32, 32:], recon[0, :, :32, 32:])
