@@ -52,8 +52,11 @@ Where this differs from the official code (facebookresearch/hiera):
 - Only the 2-D image model with 4 stages, 2x2 q-stride and 8x8-token mask units (every
   released image model); no video, sep_pos_embed or abs-win position embedding.
 """
+import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -362,3 +365,43 @@ def hiera_base_224(**kw):
 
 def hiera_lite_tiny(**kw):
     return create_hiera("hiera_lite_tiny", **kw)
+
+
+# ----------------------------------------------------------------------------
+# The architecture of a checkpoint, read from its weights
+
+HEADS_BY_WIDTH = {96: 1, 46: 1, 112: 2, 144: 2, 256: 4}  # the official sizes and MAE-Lite's
+
+
+def infer_hiera_config(path_or_obj, name=None):
+    """Hiera / MAE-Hiera constructor arguments from a checkpoint in any util-readable layout.
+
+    From the weights: embed_dim, in_chans, img_size (pos_embed's grid), stages (where the
+    block width doubles), mlp_ratio, num_classes, and for an MAE checkpoint q_pool (one
+    fusion conv per pooling stage) and the decoder's size. Not in the weights: the initial
+    head count (the recorded model_config's, else the official count for that width; see
+    'heads_inferred') and a classifier's q_pool (recorded, else the official 3)."""
+    name = name or str(path_or_obj)
+    obj = util.load_checkpoint(path_or_obj) if isinstance(path_or_obj, (str, Path)) else path_or_obj
+    sd = util.read_state_dict(obj, name=name)
+    if util.checkpoint_family(sd) != "Hiera":
+        raise util.CheckpointError(f"{name}: is a ViT checkpoint, not a Hiera (no block changes width)")
+    saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    widths = [sd[f"blocks.{i}.mlp.fc2.weight"].shape[0] for i in range(depth)]
+    stages = [sum(1 for w in widths if w == widths[0] * 2 ** s) for s in range(4)]
+    D, C = sd["patch_embed.proj.weight"].shape[:2]
+    cfg = dict(embed_dim=D, in_chans=C, img_size=math.isqrt(sd["pos_embed"].shape[1]) * PATCH_STRIDE,
+               stages=stages, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / widths[0],
+               num_heads=saved.get("num_heads") or HEADS_BY_WIDTH.get(D, 1),
+               heads_inferred="num_heads" not in saved,
+               q_pool=saved.get("q_pool", 3),
+               num_classes=sd["head.projection.weight"].shape[0] if "head.projection.weight" in sd else 0)
+    if "decoder_embed.weight" in sd:
+        Dd = sd["decoder_embed.weight"].shape[0]
+        cfg.update(q_pool=sum(1 for k in sd if re.fullmatch(r"multi_scale_fusion_heads\.\d+\.weight", k)),
+                   decoder_embed_dim=Dd,
+                   decoder_depth=len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")}),
+                   decoder_num_heads=saved.get("decoder_num_heads") or max(1, Dd // 32))
+        del cfg["num_classes"]
+    return cfg

@@ -1,4 +1,4 @@
-"""hiera.py and MAE on Hiera: timm's Hiera as the reference, HIERA.md's facts."""
+"""hiera.py and MAE on Hiera: timm's Hiera as the reference, HIERA.md's facts, checkpoints."""
 import functools
 
 import pytest
@@ -10,6 +10,7 @@ import util
 from hiera import Hiera, create_hiera, reroll, unroll
 from mae_pretrain import (MaskedAutoencoderHiera, create_mae_hiera, patchify_hiera,
                           random_unit_mask, reconstruct_hiera)
+from vit import VisionTransformer
 
 IMG = 64  # 16x16 tokens, 2x2 mask units: the smallest image Hiera takes
 TINY = dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2))  # hiera_tiny_224
@@ -338,3 +339,84 @@ def test_reconstruction_pastes_the_visible_units():
     assert torch.equal(pasted[0, :, :32, :32], IMGS[0, :, :32, :32])  # unit 0 of image 0: kept
     assert torch.all(masked[0, :, :32, 32:] == 0)  # unit 1: removed
     assert torch.equal(pasted[0, :, :32, 32:], recon[0, :, :32, 32:])
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+def save(tmp_path, name, obj):
+    torch.save(obj, tmp_path / name)
+    return tmp_path / name
+
+
+def test_an_official_mae_hiera_checkpoint_loads_into_the_mae_and_into_a_classifier(tmp_path):
+    src = small_mae()
+    path = save(tmp_path, "mae_hiera_base_224.pth", {"model_state": src.state_dict()})
+    dst = small_mae(seed=1)
+    report = util.load_pretrained(dst, path, verbose=False)
+    assert report.missing == [] and report.unexpected == []
+    noise = torch.rand(2, 4)
+    with torch.no_grad():
+        assert torch.equal(dst(IMGS, 0.5, noise)[1], src(IMGS, 0.5, noise)[1])
+
+    clf = Hiera(img_size=IMG, num_classes=10, q_pool=3, **STUDENT)
+    report = util.load_pretrained(clf, path, verbose=False)
+    assert sorted(report.missing) == ["head.projection.bias", "head.projection.weight",
+                                      "norm.bias", "norm.weight"]
+    assert {k.split(".")[0] for k in report.unexpected} == {
+        "encoder_norm", "multi_scale_fusion_heads", "mask_token", "decoder_embed",
+        "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred"}
+    assert len(report.loaded) + len(report.unexpected) == len(src.state_dict())
+    with torch.no_grad():
+        a = clf.encode(clf.embed(IMGS), layers=(3,)).layers[3]
+        b = src.encode(src.embed(IMGS), layers=(3,)).layers[3]
+    assert torch.equal(a, b)
+
+
+def test_timm_names_map_to_the_official_and_give_the_same_logits(tmp_path):
+    src, ref = pair("student_q3")
+    path = save(tmp_path, "hiera_timm.pth", ref.state_dict())  # head.norm / head.fc
+    dst = Hiera(img_size=IMG, num_classes=10, q_pool=3, **STUDENT).eval()
+    report = util.load_pretrained(dst, path, allow_missing=(), verbose=False)
+    assert report.missing == [] and report.unexpected == []
+    with torch.no_grad():
+        assert torch.equal(dst(IMGS), src(IMGS))
+
+
+def test_pos_embed_of_another_image_size_is_interpolated_without_a_cls_row(tmp_path):
+    src, _ = pair("student_q3")
+    path = save(tmp_path, "hiera_64.pth", {"model_state": src.state_dict()})
+    dst = Hiera(img_size=96, num_classes=10, q_pool=3, **STUDENT)
+    report = util.load_pretrained(dst, path, verbose=False)
+    assert "pos_embed interpolated from a 16x16 to a 24x24 grid" in report.notes
+    with torch.no_grad():
+        assert dst(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+
+
+def test_a_hiera_file_for_a_vit_or_a_vit_file_for_a_hiera_fails_in_one_line(tmp_path):
+    src, _ = pair("student_q3")
+    hiera_path = save(tmp_path, "hiera.pth", {"model_state": src.state_dict()})
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    vit_path = save(tmp_path, "vit.pth", {"model": vit.state_dict()})
+    with pytest.raises(util.CheckpointError, match="hiera.pth: is a Hiera checkpoint, the model is a ViT"):
+        util.load_pretrained(vit, hiera_path, verbose=False)
+    with pytest.raises(util.CheckpointError, match="hiera.pth: is a Hiera checkpoint, not a ViT"):
+        util.infer_vit_config(hiera_path)
+    with pytest.raises(util.CheckpointError, match="vit.pth: is a ViT checkpoint, the model is a Hiera"):
+        util.load_pretrained(Hiera(img_size=IMG, **STUDENT), vit_path, verbose=False)
+    with pytest.raises(util.CheckpointError, match="vit.pth: is a ViT checkpoint, not a Hiera"):
+        hiera.infer_hiera_config(vit_path)
+
+
+def test_architecture_is_inferred_from_hiera_weights(tmp_path):
+    src, _ = pair("tiny_q3")
+    clf = hiera.infer_hiera_config(save(tmp_path, "clf.pth", {"model_state": src.state_dict()}))
+    assert {k: clf[k] for k in ("embed_dim", "img_size", "stages", "num_heads", "q_pool", "num_classes")} == \
+        dict(embed_dim=96, img_size=64, stages=[1, 2, 7, 2], num_heads=1, q_pool=3, num_classes=10)
+    model = small_mae()
+    mae = hiera.infer_hiera_config(save(tmp_path, "mae.pth", {"model": model.state_dict(),
+                                                               "model_config": model.config}))
+    assert {k: mae[k] for k in ("embed_dim", "stages", "q_pool", "decoder_embed_dim", "decoder_depth",
+                                "decoder_num_heads", "heads_inferred")} == \
+        dict(embed_dim=46, stages=[1, 2, 7, 2], q_pool=2, decoder_embed_dim=32, decoder_depth=1,
+             decoder_num_heads=2, heads_inferred=False)
