@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import util
 from util import print0
+from hiera import Hiera, HieraBlock
 from vit import Block, VisionTransformer, gather_tokens, sincos_pos_embed
 
 
@@ -230,6 +231,182 @@ def mae_vit_huge(**kw):
 
 
 # ----------------------------------------------------------------------------
+# MAE on Hiera (Ryali et al., ICML 2023), MAE-Lite's hierarchical student (IJCV 2025)
+#
+# The same idea at another grain: one decision per MASK UNIT (8x8 tokens = 32x32 px), the
+# encoder runs on the kept units only, and the decoder predicts pred_stride = 4 * 2^q_pool px
+# patches (16 px at q_pool 2: 2x2 per unit). Before decoding, the stage outputs at each
+# unit's resolution are fused (multi-scale fusion): per kept unit at q_pool 2,
+#     latent = encoder_norm(conv4x4/4(stage1 8x8) + conv2x2/2(stage2 4x4) + stage4 2x2)
+# MAE-Lite's student keeps 60% (mask ratio 0.4: 29 of 49 units, 20 removed, 80 prediction
+# tokens per image); the official Hiera default removes 60% (19 kept).
+
+
+def random_unit_mask(batch_size, num_units, mask_ratio, noise=None, device=None):
+    """Hiera's masking, one decision per mask unit, the way random_masking decides per patch:
+    argsort of uniform noise, the int(U * (1 - mask_ratio)) smallest kept.
+    noise: optional [B, U]. Returns keep [B, U] bool, True = KEEP (the official Hiera
+    convention, the reverse of MAE's mask)."""
+    if noise is None:
+        noise = torch.rand(batch_size, num_units, device=device)
+    ids_keep = torch.argsort(noise, dim=1)[:, :int(num_units * (1 - mask_ratio))]
+    return torch.zeros(noise.shape, dtype=torch.bool, device=noise.device).scatter_(1, ids_keep, True)
+
+
+def patchify_hiera(imgs, s):
+    """[B, C, H, W] -> [B, L, C*s*s]: s x s patches in raster order, each vector ordered
+    (C, py, px), channel SLOWEST (official Hiera's label; MAE's patchify is (py, px, C))."""
+    return rearrange(imgs, "b c (h py) (w px) -> b (h w) (c py px)", py=s, px=s)
+
+
+def unpatchify_hiera(x, s):
+    """[B, L, C*s*s] -> [B, C, H, W] for a square grid (the inverse of patchify_hiera)."""
+    h = int(x.shape[1] ** 0.5)
+    return rearrange(x, "b (h w) (c py px) -> b c (h py) (w px)", h=h, py=s, px=s)
+
+
+class MaskedAutoencoderHiera(Hiera):
+    """MAE with a Hiera encoder and the official MaskedAutoencoderHiera's parameter names:
+    the encoder's are hiera.py's (pos_embed, patch_embed, blocks; no norm / head), plus
+    encoder_norm, multi_scale_fusion_heads.{0..q_pool-1} (convs; the last stage's head is an
+    Identity), decoder_embed, mask_token, decoder_pos_embed (learned, raster over the
+    (img / pred_stride)^2 grid), decoder_blocks.i.* (global-attention Hiera blocks: plain
+    ViT blocks), decoder_norm, decoder_pred.
+
+    forward(imgs, mask_ratio, noise) -> (loss, pred [B, L, C*s*s], mask [B, L]), like
+    MaskedAutoencoderViT: pred for all L = (img / s)^2 patches of s = pred_stride px in raster
+    order, vectors in patchify_hiera's (C, py, px) order; mask 1 where the patch's unit was
+    removed. The per-unit keep mask is random_unit_mask(B, num_mask_units, mask_ratio, noise).
+    Loss: per-patch MSE averaged over removed patches, target normalized per patch
+    ((x - mean) / sqrt(var_unbiased + 1e-6)) when norm_pix_loss (always, officially).
+
+    Where this differs from the official code (facebookresearch/hiera, hiera_mae.py):
+    - forward returns (loss, pred of every patch, removed-patch mask) as MaskedAutoencoderViT,
+      not (loss, pred[masked], label[masked], keep mask); the loss is the same number.
+    - mask_ratio 0 takes the loss over all patches (the official mean of nothing is NaN).
+    - norm_pix_loss can be turned off (the official label is always normalized).
+    """
+
+    def __init__(self, img_size=224, in_chans=3, embed_dim=96, num_heads=1, stages=(2, 3, 16, 3),
+                 q_pool=2, mlp_ratio=4.0, decoder_embed_dim=512, decoder_depth=8,
+                 decoder_num_heads=16, norm_pix_loss=True, drop_path_rate=0.0):
+        super().__init__(img_size=img_size, in_chans=in_chans, embed_dim=embed_dim,
+                         num_heads=num_heads, stages=stages, q_pool=q_pool, num_classes=0,
+                         mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate)
+        self.config = dict(img_size=img_size, in_chans=in_chans, embed_dim=embed_dim,
+                           num_heads=num_heads, stages=list(stages), q_pool=q_pool,
+                           mlp_ratio=mlp_ratio, decoder_embed_dim=decoder_embed_dim,
+                           decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
+                           norm_pix_loss=norm_pix_loss, drop_path_rate=drop_path_rate)
+        self.norm_pix_loss = norm_pix_loss
+        self.norm = nn.Identity()  # no classifier (the official deletes norm and head)
+        C = self.num_features
+        self.encoder_norm = nn.LayerNorm(C, eps=1e-6)
+        # Fusion: stages 1..q_pool (their units are 8, 4, ... tokens wide) are brought to the
+        # last stage's unit size (8 / 2^q_pool) and width by a conv with kernel = stride;
+        # the stages after the last pooling already have it.
+        self.fusion_stages = (*range(1, q_pool + 1), 4)
+        self.final_unit_size = 8 // 2 ** q_pool  # tokens per unit side at the end: 2 at q_pool 2
+        self.multi_scale_fusion_heads = nn.ModuleList(
+            [nn.Conv2d(embed_dim * 2 ** (s - 1), C, kernel_size=2 ** (q_pool - s + 1),
+                       stride=2 ** (q_pool - s + 1)) for s in range(1, q_pool + 1)] + [nn.Identity()])
+
+        self.pred_stride = 4 * 2 ** q_pool  # px per predicted patch: 16 at q_pool 2
+        self.pred_grid = self.mask_grid * self.final_unit_size  # 14 at 224 px
+        self.decoder_embed = nn.Linear(C, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.pred_grid ** 2, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList(
+            HieraBlock(decoder_embed_dim, decoder_embed_dim, decoder_num_heads, mlp_ratio)
+            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.pred_stride ** 2 * in_chans)
+        # The official MAE init, over the whole model (encoder included): xavier Linear, zero
+        # bias, LayerNorm (1, 0); the patch conv as a (C0, 3*7*7) matrix. pos_embed keeps
+        # Hiera's trunc-normal, the conv biases and fusion convs PyTorch's default.
+        self.apply(VisionTransformer.init_module)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+
+    def forward_encoder(self, imgs, mask, **taps):
+        """keep mask [B, U] -> (fused latent [B, k, r, r, C_last], the encoder's Taps).
+        Keyword taps (attn=, attn_logits=, layers=, norm1=) are collected in the same pass,
+        for distillation: forward_encoder(imgs, keep, attn=(12,), attn_logits=True)."""
+        stages = sorted(set(self.fusion_stages) | set(taps.pop("stages", ())))
+        t = self.encode(self.embed(imgs, mask), mask, stages=stages, **taps)
+        x = 0.0
+        for s, head in zip(self.fusion_stages, self.multi_scale_fusion_heads):
+            y = rearrange(t.stages[s], "b k y x c -> (b k) c y x")  # each kept unit as an image
+            x = x + rearrange(head(y), "(b k) c y x -> b k y x c", b=imgs.shape[0])
+        return self.encoder_norm(x), t
+
+    def forward_decoder(self, x, mask):
+        """latent [B, k, r, r, C_last], keep mask [B, U] -> pred [B, L, C*s*s] (raster)."""
+        x = self.decoder_embed(x)  # [B, k, r, r, Dd]
+        full = x.new_zeros(*mask.shape, *x.shape[2:])  # [B, U, r, r, Dd]
+        full[mask] = rearrange(x, "b k y x d -> (b k) y x d")  # kept units, ascending per image
+        full = torch.where(rearrange(mask, "b u -> b u 1 1 1"), full, self.mask_token.to(x.dtype))
+        x = rearrange(full, "b (gy gx) y x d -> b (gy y gx x) d", gy=self.mask_grid)
+        x = x + self.decoder_pos_embed  # [B, L, Dd]
+        for blk in self.decoder_blocks:
+            x, _ = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def removed_patches(self, mask):
+        """keep mask [B, U] -> [B, L] float, 1 where the predicted patch's unit was removed."""
+        r = self.final_unit_size
+        return repeat((~mask).float(), "b (gy gx) -> b (gy y gx x)", gy=self.mask_grid, y=r, x=r)
+
+    def forward_loss(self, imgs, pred, mask):
+        """Per-patch MSE averaged over removed patches (over all if none is removed)."""
+        target = patchify_hiera(imgs, self.pred_stride)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as torch's default and Hiera
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, L]
+        removed = mask.sum()
+        return torch.where(removed > 0, (loss * mask).sum() / removed.clamp(min=1), loss.mean())
+
+    def forward(self, imgs, mask_ratio=0.6, noise=None):
+        keep = random_unit_mask(imgs.shape[0], self.num_mask_units, mask_ratio, noise, imgs.device)
+        latent, _ = self.forward_encoder(imgs, keep)
+        pred = self.forward_decoder(latent, keep)
+        mask = self.removed_patches(keep)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+# Encoders as hiera.py's presets (q_pool 2). mae_hiera_tiny is MAE-Lite's student with its
+# 96 x 1 x 3 decoder; the others are the official models (decoder 512 x 8 x 16).
+MAE_HIERA_PRESETS = {
+    "mae_hiera_tiny": dict(embed_dim=46, num_heads=1, stages=(1, 2, 7, 2), decoder_embed_dim=96,
+                           decoder_depth=1, decoder_num_heads=3),
+    "mae_hiera_base": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3)),
+    "mae_hiera_tiny_224": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2)),
+    "mae_hiera_small_224": dict(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2)),
+    "mae_hiera_base_224": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3)),
+}
+
+
+def create_mae_hiera(name, **overrides):
+    """A preset by name with keyword overrides (None values are ignored)."""
+    if name not in MAE_HIERA_PRESETS:
+        raise util.ConfigError(f"unknown MAE-Hiera model {name!r}; choose from {', '.join(MAE_HIERA_PRESETS)}")
+    return MaskedAutoencoderHiera(**{**MAE_HIERA_PRESETS[name], **{k: v for k, v in overrides.items()
+                                                                   if v is not None}})
+
+
+def mae_hiera_tiny(**kw):
+    return create_mae_hiera("mae_hiera_tiny", **kw)
+
+
+def mae_hiera_base(**kw):
+    return create_mae_hiera("mae_hiera_base", **kw)
+
+
+# ----------------------------------------------------------------------------
 # Reconstructions
 
 
@@ -245,6 +422,22 @@ def reconstruct(model, imgs, mask_ratio=0.75, noise=None):
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
     recon = unpatchify(pred.float(), p)
     removed = unpatchify(repeat(mask, "n l -> n l d", d=pred.shape[-1]), p)  # 1 = removed
+    masked = imgs * (1 - removed)
+    return masked, recon, masked + recon * removed
+
+
+@torch.no_grad()
+def reconstruct_hiera(model, imgs, mask_ratio=0.6, noise=None):
+    """`reconstruct` for a MaskedAutoencoderHiera: (masked, reconstruction, reconstruction
+    with the visible units pasted), for save_reconstruction_figure. The unit noise is
+    [B, num_mask_units]."""
+    _, pred, mask = model(imgs, mask_ratio, noise)
+    s = model.pred_stride
+    if model.norm_pix_loss:
+        target = patchify_hiera(imgs, s)
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    recon = unpatchify_hiera(pred.float(), s)
+    removed = unpatchify_hiera(repeat(mask, "b l -> b l d", d=pred.shape[-1]), s)  # 1 = removed
     masked = imgs * (1 - removed)
     return masked, recon, masked + recon * removed
 

@@ -400,7 +400,15 @@ def read_state_dict(path_or_obj, name=None):
         sd.pop("dist_token")
         pe = sd["pos_embed"]
         sd["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
+    if checkpoint_family(sd) == "Hiera":  # timm's Hiera: head.norm, head.fc = official norm, head.projection
+        sd = {re.sub(r"^head\.norm\.", "norm.", re.sub(r"^head\.fc\.", "head.projection.", k)): v
+              for k, v in sd.items()}
     return sd
+
+
+def checkpoint_family(sd):
+    """'Hiera' if a block changes width (official / timm Hiera: blocks.i.proj), else 'ViT'."""
+    return "Hiera" if any(re.fullmatch(r"blocks\.\d+\.proj\.weight", k) for k in sd) else "ViT"
 
 
 @dataclass
@@ -435,6 +443,8 @@ def infer_vit_config(path_or_obj, name=None):
     name = name or str(path_or_obj)
     obj = load_checkpoint(path_or_obj) if isinstance(path_or_obj, (str, Path)) else path_or_obj
     sd = read_state_dict(obj, name=name)
+    if checkpoint_family(sd) == "Hiera":
+        raise CheckpointError(f"{name}: is a Hiera checkpoint, not a ViT (hiera.infer_hiera_config reads it)")
     saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
     w = sd["patch_embed.proj.weight"]
     if w.ndim != 4:  # VideoMAE / AMD video models embed tubelets with a Conv3d
@@ -466,15 +476,15 @@ def infer_vit_config(path_or_obj, name=None):
     return cfg
 
 
-def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=True, name=None,
-                    check_heads=True):
+def load_pretrained(model, path, allow_missing=None, verbose=True, name=None, check_heads=True):
     """Load any known checkpoint format into `model` (a ViT or an MAE), checking every key.
 
     - pos_embed / decoder_pos_embed of another grid are interpolated (bicubic);
     - a head of another size is dropped (the model keeps its fresh head);
     - keys the model does not have (a decoder, a teacher, `norm` for a mean-pooled
       model) are reported as unexpected and skipped;
-    - missing keys outside `allow_missing` (prefixes), a depth or shape mismatch:
+    - missing keys outside `allow_missing` (prefixes; default: the model's `head_prefixes`,
+      else head. and fc_norm.), a depth or shape mismatch, a Hiera file for a ViT or back:
       CheckpointError naming the file and the key; so is a head split other than the one
       the file records (num_heads, last_block_heads), unless check_heads=False (a user
       who asked for another split on purpose).
@@ -485,6 +495,12 @@ def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=Tr
     path = name or path
     sd = read_state_dict(obj, name=path)
     own = model.state_dict()
+    family, want_family = checkpoint_family(sd), checkpoint_family(own)
+    if family != want_family:
+        raise CheckpointError(f"{path}: is a {family} checkpoint, the model is a {want_family}")
+    if allow_missing is None:
+        allow_missing = getattr(model, "head_prefixes", ("head.", "fc_norm."))
+    prefix = getattr(model, "num_prefix_tokens", 1)  # rows before the grid: ViT's cls, none in Hiera
     loaded, notes = {}, []
     for k, v in sd.items():
         if k not in own:
@@ -493,9 +509,9 @@ def load_pretrained(model, path, allow_missing=("head.", "fc_norm."), verbose=Tr
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{path}: {k} holds NaN or infinite values; the checkpoint is unusable")
         if k.endswith("pos_embed") and v.shape != want and v.shape[-1] == want[-1]:
-            old, new = math.isqrt(v.shape[1] - 1), math.isqrt(want[1] - 1)
+            old, new = math.isqrt(v.shape[1] - prefix), math.isqrt(want[1] - prefix)
             try:
-                v = interpolate_pos_embed(v, new)
+                v = interpolate_pos_embed(v, new, num_prefix_tokens=prefix)
             except ValueError as e:
                 raise CheckpointError(f"{path}: {k}: {e}") from None
             notes.append(f"{k} interpolated from a {old}x{old} to a {new}x{new} grid")
