@@ -527,7 +527,7 @@ def main(args):
     cka = {(i, j): MinibatchCKA(models[i].depth + 1, models[j].depth + 1) for i, j in pairs}
     attn_stats = [AttentionStats(m.depth, m.patch_embed.grid_size, m.patch_embed.patch_size) for m in models]
     for imgs, _ in tqdm(loader, desc="analysing", dynamic_ncols=True):
-        imgs = imgs.to(device, non_blocking=True)
+        imgs = util.normalize(imgs.to(device, non_blocking=True))
         grams = []
         for model, stats in zip(models, attn_stats):
             features, attns = layer_features(model, imgs)

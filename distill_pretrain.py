@@ -85,7 +85,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.nn.parallel import DistributedDataParallel
 
 import util
 from mae_pretrain import MaskedAutoencoderViT, check_widths, random_masking
@@ -373,6 +372,19 @@ def build_teacher(args, student_patch, device):
     return teacher.to(device).eval().requires_grad_(False)
 
 
+def cast_for_autocast(teacher, autocast):
+    """Store the frozen teacher's matmul weights (Linear, Conv) in autocast's dtype once.
+    Autocast caches its casts only for leaf tensors that require grad, so a frozen fp32
+    teacher would be re-cast on every forward: a full read and write of its weights per
+    step. The values are the same (autocast rounds the same way); LayerNorm parameters stay
+    fp32, as autocast runs LayerNorm in fp32."""
+    dtype = getattr(autocast, "keywords", {}).get("dtype")
+    if dtype is not None:
+        for m in teacher.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.to(dtype)
+
+
 def resolve_layers(args, student_depth, teacher):
     """Fill in the default layers (saved with the run's args) and check them, before training."""
     D, d = teacher.depth, student_depth
@@ -539,21 +551,16 @@ def build_model(args, teacher):
 
 class TwoViews:
     """TinyMIM's input: one crop + flip shared by both views, colour jitter on the student's
-    only. PIL image -> (2, C, H, W) tensor [student view, teacher view]."""
+    only. Image -> (2, C, H, W) uint8 [student view, teacher view]."""
 
     def __init__(self, input_size, min_scale=0.2, jitter=0.4):
         from torchvision.transforms import v2
-        self.common = v2.Compose([
-            v2.RandomResizedCrop(input_size, scale=(min_scale, 1.0),
-                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip()])
+        self.common = util.DecodeCropFlip(input_size, (min_scale, 1.0))
         self.jitter = v2.ColorJitter(jitter, jitter, jitter)
-        self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(util.IMAGENET_MEAN, util.IMAGENET_STD)])
 
     def __call__(self, img):
         img = self.common(img)
-        return torch.stack([self.to_tensor(self.jitter(img)), self.to_tensor(img)])
+        return torch.stack([self.jitter(img), img])
 
 
 # ----------------------------------------------------------------------------
@@ -567,16 +574,15 @@ FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "method", "teacher", "teacher_model", 
                    "teacher_mask_ratio")
 
 
-def masked_step(model, batch, *, teacher, num_patches, device):
-    """attn, amd: one image per sample; the mask noise comes from the sample's own seed."""
-    imgs, _, seeds = batch
-    noise = util.per_sample_uniform(seeds, num_patches, device)
-    return model(imgs.to(device, non_blocking=True), noise, teacher)
+def masked_step(model, batch, *, teacher):
+    """attn, amd: one image per sample, masked by its own noise (drawn in the data worker)."""
+    imgs, _, noise = batch
+    return model(imgs, noise, teacher)
 
 
-def two_view_step(model, batch, *, teacher, device):
+def two_view_step(model, batch, *, teacher):
     """relation, feature: (B, 2, C, H, W) -> the student's and the teacher's view."""
-    views = batch[0].to(device, non_blocking=True)
+    views = batch[0]
     return model(views[:, 0], views[:, 1], teacher)
 
 
@@ -615,8 +621,8 @@ def main(args):
     two_views = args.method in ("relation", "feature")
     transform = (TwoViews(args.input_size, args.min_crop_scale, args.color_jitter) if two_views
                  else util.pretrain_transform(args.input_size, args.min_crop_scale))
-    dataset, _ = util.build_dataset(args, train=True, transform=transform)
-    loader = util.build_train_loader(dataset, args, dinfo)
+    dataset, _ = util.build_dataset(args, train=True, transform=util.data_transform(args, transform))
+    loader = util.build_train_loader(dataset, args, dinfo, noise=0 if two_views else (args.input_size // patch) ** 2)
 
     teacher = build_teacher(args, patch, device)  # a teacher that does not fit stops here
     resolve_layers(args, VIT_PRESETS[args.model]["depth"], teacher)
@@ -633,16 +639,12 @@ def main(args):
     util.effective_lr(args, dinfo.world_size)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
     autocast, scaler = util.amp_setup(args.precision, device)
+    cast_for_autocast(teacher, autocast)
     start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
-
-    net = model  # the teacher stays outside DDP: it is an argument of forward
-    if dinfo.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[dinfo.local_rank] if device.type == "cuda"
-                                      else None)
-    if args.compile:
-        net = torch.compile(net)
-    step = (partial(two_view_step, teacher=teacher, device=device) if two_views else
-            partial(masked_step, teacher=teacher, num_patches=model.student.num_patches, device=device))
+    net = util.wrap_model(model, dinfo, args)  # the teacher stays outside DDP: an argument of forward
+    step = partial(two_view_step if two_views else masked_step, teacher=teacher)
+    if util.benchmark(args, net, loader, optimizer, step, device, autocast, scaler):
+        return
 
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)

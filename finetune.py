@@ -73,6 +73,8 @@ Where this differs from the official code (facebookresearch/mae with timm 0.3.2)
   official TinyMIM fine-tuning rebuilds that block with the standard count (--uniform_heads).
 """
 import argparse
+import copy
+import math
 import re
 from contextlib import nullcontext
 from functools import partial
@@ -81,7 +83,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import util
@@ -305,26 +306,38 @@ def parse_randaugment(spec):
 
 
 def train_transform(args):
-    """RandomResizedCrop (bicubic) + flip + RandAugment or color jitter, normalize, erasing."""
+    """RandomResizedCrop (bicubic) + flip + RandAugment or color jitter, as uint8 (the
+    normalization and random erasing run on the device, in classify_step)."""
     from torchvision.transforms import v2
-    bicubic = v2.InterpolationMode.BICUBIC
-    t = [v2.RandomResizedCrop(args.input_size, scale=(args.min_crop_scale, 1.0),
-                              interpolation=bicubic, antialias=True),
-         v2.RandomHorizontalFlip()]
+    t = [util.DecodeCropFlip(args.input_size, (args.min_crop_scale, 1.0)).crop]  # a PIL image
     ra = parse_randaugment(args.aa)
     if ra:
         # 11 bins: magnitude m is m/10 of each op's range, timm's scale. Geometric ops fill
         # with the mean pixel (124, 116, 104) as timm does.
         fill = tuple(round(255 * m) for m in util.IMAGENET_MEAN)
         t.append(v2.RandAugment(num_ops=ra[0], magnitude=ra[1], num_magnitude_bins=11,
-                                interpolation=bicubic, fill=fill))
+                                interpolation=v2.InterpolationMode.BICUBIC, fill=fill))
     elif args.color_jitter:
         t.append(v2.ColorJitter(*(args.color_jitter,) * 3))
-    t += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-          v2.Normalize(util.IMAGENET_MEAN, util.IMAGENET_STD)]
-    if args.reprob > 0:  # after normalization, random per-pixel values (timm's 'pixel' mode)
-        t.append(v2.RandomErasing(p=args.reprob, value="random"))
-    return v2.Compose(t)
+    return v2.Compose([*t, v2.PILToTensor()])
+
+
+def random_erasing(imgs, p, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
+    """Random erasing (Zhong et al. 2020) as timm's 'pixel' mode, per image of a normalised
+    batch on the device: with probability p, a box of area fraction in `scale` and
+    log-uniform aspect in `ratio` (10 tries) is filled with N(0, 1) noise. Boxes come from
+    torch's CPU RNG (no device sync), the noise from the device's."""
+    B, C, H, W = imgs.shape
+    for b in torch.nonzero(torch.rand(B) < p).flatten().tolist():
+        for _ in range(10):
+            area = H * W * torch.empty(1).uniform_(*scale).item()
+            aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if h < H and w < W:
+                top, left = torch.randint(0, H - h + 1, (1,)).item(), torch.randint(0, W - w + 1, (1,)).item()
+                imgs[b, :, top:top + h, left:left + w] = torch.randn(C, h, w, device=imgs.device)
+                break
+    return imgs
 
 
 def build_val_loader(dataset, args, dinfo):
@@ -339,10 +352,12 @@ def build_val_loader(dataset, args, dinfo):
 # Training and evaluation
 
 
-def classify_step(model, batch, *, mixing, smoothing, device):
-    """One micro-batch: mix, then soft-target cross-entropy (label-smoothed CE unmixed)."""
+def classify_step(model, batch, *, mixing, smoothing, reprob):
+    """One micro-batch (on the device): erase, mix, then soft-target cross-entropy
+    (label-smoothed CE when nothing is mixed)."""
     imgs, labels, _ = batch
-    imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    if reprob > 0:
+        imgs = random_erasing(imgs, reprob)
     if mixing is None:
         return F.cross_entropy(model(imgs).float(), labels, label_smoothing=smoothing), {}
     imgs, target = mixing(imgs, labels)  # target: (B, K) mixed one-hot
@@ -358,12 +373,13 @@ def evaluate(model, loader, device, autocast=nullcontext, num_classes=1000):
     k = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for imgs, labels in loader:
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        imgs, labels = util.normalize(imgs.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
         with autocast():
             logits = model(imgs).float()  # (B, K)
         hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(),
-                             hits.any(dim=-1).sum(), torch.tensor(labels.numel(), device=device)]).double()
+        sums[:3] += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(),
+                                 hits.any(dim=-1).sum()]).double()
+        sums[3] += len(labels)  # a Python number: no host-to-device copy, no wait
     model.train(was_training)
     loss, c1, ck, n = util.all_reduce_sum(sums).tolist()
     if n == 0:
@@ -377,11 +393,23 @@ def format_eval(s):
             f"({s['correct1']} and {s['correct5']} of {s['images']} images)")
 
 
-def build_ema(model, args):
-    """An EMA of the weights (and buffers), updated after every optimizer step."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay),
-                         use_buffers=True)
+class ModelEma:
+    """An exponential moving average of the weights and buffers, ema <- d ema + (1 - d) w
+    after every optimizer step (as timm's ModelEma: it starts from the model as loaded).
+    One fused torch._foreach_lerp_ and no host sync (torch.optim.swa_utils.AveragedModel
+    reads its device-side step counter twice per update: two syncs per step)."""
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model):
+        ema, now = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in ema.items() if v.is_floating_point()]
+        torch._foreach_lerp_([ema[k] for k in floats], [now[k] for k in floats], 1.0 - self.decay)
+        for k in ema.keys() - set(floats):  # integer buffers (BatchNorm's batch count)
+            ema[k].copy_(now[k])
 
 
 def check_args(args):
@@ -459,24 +487,21 @@ def main(args):
 
     util.effective_lr(args, dinfo.world_size)
     optimizer = build_optimizer(model, args, device)
-    ema = build_ema(model, args) if args.model_ema else None
+    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
     if ema is not None:
-        optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
+        optimizer.register_step_post_hook(lambda *_: ema.update(model))
     start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
     best = 0.0
     if start_epoch > 0:  # the entries util.resume_checkpoint does not restore
         best = ckpt.get("best_acc1", 0.0)
         if ema is not None and ckpt.get("model_ema"):
             ema.module.load_state_dict(ckpt["model_ema"])
-            ema.n_averaged.fill_(1)  # an average exists: the next update must not copy
 
-    net = model
-    if dinfo.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[dinfo.local_rank] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
+    net = util.wrap_model(model, dinfo, args)
     step = partial(classify_step, mixing=build_mixing(args, num_classes), smoothing=args.smoothing,
-                   device=device)
+                   reprob=args.reprob)
+    if util.benchmark(args, net, loader, optimizer, step, device, autocast, scaler, num_classes):
+        return
     out = Path(args.output_dir)
 
     for epoch in range(start_epoch, args.epochs):

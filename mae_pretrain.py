@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from einops import rearrange, repeat
-from torch.nn.parallel import DistributedDataParallel
 
 import util
 from util import print0
@@ -53,16 +52,18 @@ from vit import Block, VisionTransformer, gather_tokens, sincos_pos_embed
 def get_args_parser():
     p = argparse.ArgumentParser("MAE pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="mae_vit_tiny", choices=list(MAE_PRESETS),
-                   help="mae_vit_tiny has MAE-Lite's decoder (96 wide, 1 block, 3 heads)")
-    g.add_argument("--input_size", type=int, default=224)
-    g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
+    g.add_argument("--model", default="mae_vit_tiny", choices=[*MAE_PRESETS, *MAE_HIERA_PRESETS],
+                   help="mae_vit_tiny and mae_hiera_tiny have MAE-Lite's decoder (96 wide, 1 block, "
+                        "3 heads); mae_hiera_tiny is its 46-wide Hiera-Tiny")
+    g.add_argument("--input_size", type=int, default=224, help="a multiple of 32 for a Hiera")
+    g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size (ViT)")
     g.add_argument("--num_heads", type=int, default=None,
-                   help="override the encoder's head count (MAE-Lite's tiny uses 12)")
+                   help="override the encoder's (first stage's) head count (MAE-Lite's tiny ViT: 12)")
     g.add_argument("--decoder_embed_dim", type=int, default=None)
     g.add_argument("--decoder_depth", type=int, default=None)
     g.add_argument("--decoder_num_heads", type=int, default=None)
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed")
+    g.add_argument("--mask_ratio", type=float, default=None, help="fraction of patches (ViT) or mask "
+                   "units (Hiera) removed; default 0.75 ViT, 0.6 Hiera (MAE-Lite's Hiera: 0.4)")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="predict per-patch normalized pixels (the paper's recipe)")
     g.add_argument("--min_crop_scale", type=float, default=0.2,
@@ -172,9 +173,15 @@ class MaskedAutoencoderViT(VisionTransformer):
         removed = mask.sum()
         return torch.where(removed > 0, (loss * mask).sum() / removed.clamp(min=1), loss.mean())
 
+    def to_patches(self, imgs):
+        return patchify(imgs, self.patch_size)
+
+    def from_patches(self, x):
+        return unpatchify(x, self.patch_size)
+
     def pixel_target(self, imgs):
         """MAE's target [N, L, p*p*C]: the patches, each standardised with --norm_pix_loss."""
-        target = patchify(imgs, self.patch_size)
+        target = self.to_patches(imgs)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as torch's default and MAE
@@ -359,9 +366,15 @@ class MaskedAutoencoderHiera(Hiera):
         r = self.final_unit_size
         return repeat((~mask).float(), "b (gy gx) -> b (gy y gx x)", gy=self.mask_grid, y=r, x=r)
 
+    def to_patches(self, imgs):
+        return patchify_hiera(imgs, self.pred_stride)
+
+    def from_patches(self, x):
+        return unpatchify_hiera(x, self.pred_stride)
+
     def forward_loss(self, imgs, pred, mask):
         """Per-patch MSE averaged over removed patches (over all if none is removed)."""
-        target = patchify_hiera(imgs, self.pred_stride)
+        target = self.to_patches(imgs)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as torch's default and Hiera
@@ -412,32 +425,15 @@ def mae_hiera_base(**kw):
 
 @torch.no_grad()
 def reconstruct(model, imgs, mask_ratio=0.75, noise=None):
-    """-> (masked, reconstruction, reconstruction with the visible patches pasted),
-    images in the input's normalization. Norm-pix predictions are de-normalized with
-    each patch's own mean and variance, as MAE's visualization does."""
+    """-> (masked, reconstruction, reconstruction with the visible patches pasted), images
+    in the input's normalization, for an MAE on a ViT or a Hiera. Norm-pix predictions are
+    de-normalized with each patch's own mean and variance, as MAE's visualization does."""
     _, pred, mask = model(imgs, mask_ratio, noise)
-    p = model.patch_size
     if model.norm_pix_loss:
-        target = patchify(imgs, p)
+        target = model.to_patches(imgs)
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    recon = unpatchify(pred.float(), p)
-    removed = unpatchify(repeat(mask, "n l -> n l d", d=pred.shape[-1]), p)  # 1 = removed
-    masked = imgs * (1 - removed)
-    return masked, recon, masked + recon * removed
-
-
-@torch.no_grad()
-def reconstruct_hiera(model, imgs, mask_ratio=0.6, noise=None):
-    """`reconstruct` for a MaskedAutoencoderHiera: (masked, reconstruction, reconstruction
-    with the visible units pasted), for save_reconstruction_figure. The unit noise is
-    [B, num_mask_units]."""
-    _, pred, mask = model(imgs, mask_ratio, noise)
-    s = model.pred_stride
-    if model.norm_pix_loss:
-        target = patchify_hiera(imgs, s)
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    recon = unpatchify_hiera(pred.float(), s)
-    removed = unpatchify_hiera(repeat(mask, "b l -> b l d", d=pred.shape[-1]), s)  # 1 = removed
+    recon = model.from_patches(pred.float())
+    removed = model.from_patches(repeat(mask, "n l -> n l d", d=pred.shape[-1]))  # 1 = removed
     masked = imgs * (1 - removed)
     return masked, recon, masked + recon * removed
 
@@ -472,7 +468,7 @@ def figure_images(args, n=8):
     except util.ConfigError:
         ds, _ = util.build_dataset(args, train=True, transform=util.eval_transform(args.input_size))
     idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().tolist()
-    return torch.stack([ds[i][0] for i in idx])
+    return util.normalize(torch.stack([ds[i][0] for i in idx]))
 
 
 # ----------------------------------------------------------------------------
@@ -484,20 +480,31 @@ FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "decoder_embed_dim", "decoder_depth", 
                    "norm_pix_loss", "mask_ratio")
 
 
-def mae_step(model, batch, *, mask_ratio, num_patches, device):
-    imgs, _, seeds = batch
-    noise = util.per_sample_uniform(seeds, num_patches, device)  # the sample's own mask
-    loss, _, _ = model(imgs.to(device, non_blocking=True), mask_ratio, noise)
+def mae_step(model, batch, *, mask_ratio):
+    imgs, _, noise = batch  # on the device; noise: each sample's own, drawn in the data worker
+    loss, _, _ = model(imgs, mask_ratio, noise)
     return loss, {}
 
 
 def check_args(args):
+    """Refuse what cannot work; fill in the model's own mask ratio (recorded with the args)."""
+    hiera = args.model in MAE_HIERA_PRESETS
+    args.mask_ratio = args.mask_ratio if args.mask_ratio is not None else 0.6 if hiera else 0.75
     util.check_common_args(args)
-    preset = {**MAE_PRESETS[args.model], **{k: getattr(args, k) for k in (
-        "patch_size", "num_heads", "decoder_embed_dim", "decoder_num_heads") if getattr(args, k)}}
-    patch = preset.get("patch_size", 16)
-    if args.input_size % patch:
-        raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
+    preset = {**(MAE_HIERA_PRESETS if hiera else MAE_PRESETS)[args.model], **{
+        k: getattr(args, k) for k in ("num_heads", "decoder_embed_dim", "decoder_num_heads") if getattr(args, k)}}
+    preset.setdefault("decoder_embed_dim", 512)  # MaskedAutoencoderHiera's defaults
+    preset.setdefault("decoder_num_heads", 16)
+    if hiera:
+        if args.patch_size:
+            raise util.ConfigError(f"--patch_size is for a ViT; {args.model} embeds 4x4 px per token "
+                                   f"and predicts 16x16 px patches")
+        if args.input_size % 32:
+            raise util.ConfigError(f"--input_size {args.input_size}: a Hiera needs a multiple of 32 "
+                                   f"(whole 32x32 px mask units)")
+    elif args.input_size % (args.patch_size or preset.get("patch_size", 16)):
+        raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size "
+                               f"{args.patch_size or preset.get('patch_size', 16)}")
     check_widths(preset["embed_dim"], preset["num_heads"], preset["decoder_embed_dim"],
                  preset["decoder_num_heads"], f"--model {args.model}")
 
@@ -512,40 +519,48 @@ def check_widths(width, heads, decoder_width, decoder_heads, model):
                                f"embedding)")
 
 
+def build_mae(args):
+    """The MAE of --model (a ViT or a Hiera) -> (model, masking units per image)."""
+    common = dict(img_size=args.input_size, num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
+                  decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+                  norm_pix_loss=args.norm_pix_loss)
+    try:
+        if args.model in MAE_HIERA_PRESETS:
+            model = create_mae_hiera(args.model, **common)
+            return model, model.num_mask_units
+        model = create_mae(args.model, patch_size=args.patch_size, **common)
+        return model, model.num_patches
+    except ValueError as e:
+        raise util.ConfigError(str(e)) from None
+
+
 def main(args):
     check_args(args)
     dinfo = util.init_distributed(args.device)
     device = dinfo.device
     util.prepare_output_dir(args)
-    dataset, _ = util.build_dataset(args, train=True,
-                                    transform=util.pretrain_transform(args.input_size, args.min_crop_scale))
-    loader = util.build_train_loader(dataset, args, dinfo)
+    transform = util.data_transform(args, util.pretrain_transform(args.input_size, args.min_crop_scale))
+    dataset, _ = util.build_dataset(args, train=True, transform=transform)
     vis_imgs = figure_images(args) if dinfo.is_main else None  # fail now, not after training
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    try:
-        model = create_mae(args.model, img_size=args.input_size, patch_size=args.patch_size,
-                           num_heads=args.num_heads, decoder_embed_dim=args.decoder_embed_dim,
-                           decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
-                           norm_pix_loss=args.norm_pix_loss).to(device)
-    except ValueError as e:
-        raise util.ConfigError(str(e)) from None
+    model, units = build_mae(args)
+    model.to(device)
+    loader = util.build_train_loader(dataset, args, dinfo, noise=units)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {model.num_patches} patches, "
-           f"{int(model.num_patches * (1 - args.mask_ratio))} kept")
+    print0(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {units} "
+           f"{'mask units' if args.model in MAE_HIERA_PRESETS else 'patches'}, "
+           f"{int(units * (1 - args.mask_ratio))} kept")
     print0(f"{len(dataset)} training images, {len(loader) // args.accum_iter} steps per epoch")
 
     util.effective_lr(args, dinfo.world_size)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
     autocast, scaler = util.amp_setup(args.precision, device)
     start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
-
-    net = model
-    if dinfo.world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[dinfo.local_rank] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
-    step = partial(mae_step, mask_ratio=args.mask_ratio, num_patches=model.num_patches, device=device)
+    net = util.wrap_model(model, dinfo, args)
+    step = partial(mae_step, mask_ratio=args.mask_ratio)
+    if util.benchmark(args, net, loader, optimizer, step, device, autocast, scaler):
+        return
 
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
@@ -558,7 +573,7 @@ def main(args):
     if dinfo.is_main:
         model.eval()
         imgs = vis_imgs.to(device)
-        noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(0))
+        noise = torch.rand(imgs.shape[0], units, generator=torch.Generator().manual_seed(0))
         with autocast():
             parts = reconstruct(model, imgs, args.mask_ratio, noise.to(device))
         path = Path(args.output_dir) / "reconstructions.png"

@@ -631,6 +631,8 @@ def amp_setup(precision, device):
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     if precision == "fp32":
+        if device.type == "cuda":  # TF32 tensor cores for fp32 matmuls and convs (10-bit mantissa)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         return nullcontext, None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -749,7 +751,7 @@ def build_dataset(args, train, transform=None):
             raise ConfigError(f"--data_path {args.data_path}: no {root.name}/ folder (expected the "
                               f"ImageNet layout: {root.name}/<class>/<image>)")
         try:
-            ds = image_folder(str(root), transform, read_rgb_image)
+            ds = image_folder(str(root), transform, open_image)
         except (OSError, RuntimeError) as e:  # empty, no class folders, unreadable
             raise ConfigError(f"--data_path {root}: {e}") from None
         if ds.skipped_links:
@@ -855,38 +857,136 @@ class CorruptImageError(ConfigError):
         super().__init__(ours[-1] if ours else msg)
 
 
-def read_rgb_image(path):
-    """ImageFolder's loader (PIL, RGB) that fails with one line naming a corrupt file."""
+def open_image(path):
+    """ImageFolder's loader, lazily: the header is read (size, format), the pixels are not,
+    so the transform can ask PIL for a reduced-size JPEG decode (see DecodeCropFlip)."""
     from PIL import Image
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        return Image.open(path)
     except Exception as e:
-        detail = (str(e).splitlines() or [""])[0]
-        raise CorruptImageError(f"{path}: cannot read this image ({type(e).__name__}: {detail}); "
-                                f"delete or replace the file") from None
+        raise corrupt_image(path, e) from None
+
+
+def corrupt_image(path, e):
+    detail = (str(e).splitlines() or [""])[0]
+    return CorruptImageError(f"{path}: cannot read this image ({type(e).__name__}: {detail}); "
+                             f"delete or replace the file")
+
+
+def decode_rgb(img, min_size=None):
+    """Decode a lazily opened PIL image to RGB. With min_size (w, h), a JPEG is decoded at
+    the smallest of 1/1, 1/2, 1/4, 1/8 scale that is still at least that large (libjpeg
+    skips the finer DCT coefficients: a 1/2-scale decode costs about a third). Returns
+    (image, (sx, sy)): original pixels per decoded pixel."""
+    size = img.size
+    try:
+        if min_size is not None and getattr(img, "format", None) == "JPEG":
+            img.draft("RGB", (max(1, math.ceil(min_size[0])), max(1, math.ceil(min_size[1]))))
+        rgb = img.convert("RGB")
+    except Exception as e:
+        raise corrupt_image(getattr(img, "filename", "") or "an image", e) from None
+    return rgb, (size[0] / rgb.size[0], size[1] / rgb.size[1])
+
+
+def crop_box(width, height, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (left, top, w, h) for a width x height image, drawn from
+    torch's global RNG (seeded per sample by SeededSamples): an area fraction in `scale`,
+    a log-uniform aspect ratio in `ratio`, 10 tries, then the central crop that fits."""
+    area = width * height
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(*scale).item()
+        aspect = math.exp(torch.empty(1).uniform_(*log_ratio.tolist()).item())
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            left = torch.randint(0, width - w + 1, size=(1,)).item()
+            return left, top, w, h
+    w, h = width, height  # fallback: the central crop, clipped to the ratio range
+    if width / height < ratio[0]:
+        h = int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w = int(round(height * ratio[1]))
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class DecodeCropFlip:
+    """RandomResizedCrop (bicubic, antialiased) + horizontal flip as one step on a lazily
+    opened image, ending in a uint8 (3, size, size) tensor (normalised later, on the device).
+
+    The crop box is drawn from the image's header size before any pixel is decoded, so a
+    JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 scale,
+    and the crop and resize are one PIL resize over the box. `crop_box` and the flip draw
+    torch's RNG in the same order in every path: the GPU decode path (EncodedCrop) gets
+    the same boxes."""
+
+    def __init__(self, size, scale=(0.08, 1.0), flip=True):
+        self.size, self.scale, self.flip = size, scale, flip
+
+    def params(self, width, height):
+        """(box (left, top, w, h), flip?) for an image of this size; consumes the RNG."""
+        box = crop_box(width, height, self.scale)
+        return box, self.flip and torch.rand(1).item() < 0.5
+
+    def crop(self, img):
+        """The crop as a PIL image (for augmentations that run on PIL, e.g. RandAugment)."""
+        from PIL import Image
+        if torch.is_tensor(img):  # an already-decoded image (C, H, W)
+            img = Image.fromarray(img.permute(1, 2, 0).numpy())
+        (left, top, w, h), flip = self.params(*img.size)
+        rgb, (sx, sy) = decode_rgb(img, (img.size[0] * self.size / w, img.size[1] * self.size / h))
+        out = rgb.resize((self.size, self.size), Image.BICUBIC,
+                         box=(left / sx, top / sy, (left + w) / sx, (top + h) / sy))
+        return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+
+    def __call__(self, img):
+        return pil_to_uint8(self.crop(img))
+
+
+def pil_to_uint8(img):
+    """PIL RGB image -> (3, H, W) uint8 tensor (one copy)."""
+    import numpy as np
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 def pretrain_transform(input_size, min_scale=0.2):
-    """MAE's pre-training augmentation: RandomResizedCrop(scale=(min_scale, 1), bicubic) + flip."""
-    from torchvision.transforms import v2
-    return v2.Compose([
-        v2.RandomResizedCrop(input_size, scale=(min_scale, 1.0),
-                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    """MAE's pre-training augmentation: RandomResizedCrop(scale=(min_scale, 1), bicubic) + flip,
+    as uint8 (3, input_size, input_size)."""
+    return DecodeCropFlip(input_size, (min_scale, 1.0))
+
+
+class EvalResizeCrop:
+    """Resize the shorter side to input_size / 0.875 (256 for 224, bicubic), then a center
+    crop (MAE's evaluation); a JPEG is decoded at the smallest DCT scale still large
+    enough. -> uint8 (3, input_size, input_size)."""
+
+    def __init__(self, input_size):
+        self.size, self.resize = input_size, int(round(input_size / 0.875))
+
+    def __call__(self, img):
+        from PIL import Image
+        if torch.is_tensor(img):
+            img = Image.fromarray(img.permute(1, 2, 0).numpy())
+        w, h = img.size
+        s = self.resize / min(w, h)
+        rgb, _ = decode_rgb(img, (w * s, h * s))
+        nw, nh = max(self.resize, round(w * s)), max(self.resize, round(h * s))
+        rgb = rgb.resize((nw, nh), Image.BICUBIC)
+        left, top = int(round((nw - self.size) / 2)), int(round((nh - self.size) / 2))
+        return pil_to_uint8(rgb.crop((left, top, left + self.size, top + self.size)))
 
 
 def eval_transform(input_size):
-    """Resize to input_size / 0.875 (256 for 224), then a center crop (MAE's evaluation)."""
-    from torchvision.transforms import v2
-    return v2.Compose([
-        v2.Resize(int(round(input_size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC,
-                  antialias=True),
-        v2.CenterCrop(input_size),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return EvalResizeCrop(input_size)
+
+
+def normalize(imgs):
+    """uint8 images (..., 3, H, W), on the device -> float32 with ImageNet's mean and std.
+    The batch crossed the DataLoader, pinned memory and the PCIe bus as uint8: 4x fewer
+    bytes than float32."""
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(3, 1, 1) * 255
+    return (imgs.float() - mean) / std
 
 
 class EpochSampler(DistributedSampler):
@@ -899,12 +999,13 @@ class EpochSampler(DistributedSampler):
 
 class SeededSamples(Dataset):
     """Wraps a dataset: sample `index` of epoch `epoch` is loaded and augmented under
-    torch's RNG seeded by hash(seed, epoch, index). Returns (img, label, sample_seed);
-    the same seed drives MAE's mask noise (`per_sample_uniform`). Crops and masks then
-    do not depend on how many processes or workers share the epoch."""
+    torch's RNG seeded by hash(seed, epoch, index), and its `noise` uniform numbers (MAE's
+    mask noise: one per patch or mask unit) come from the same seed. Returns (img, label,
+    noise (noise,)). Crops and masks then do not depend on how many processes or workers
+    share the epoch, and are drawn in the worker, off the training loop's critical path."""
 
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset, seed, noise=0):
+        self.dataset, self.seed, self.noise = dataset, seed, noise
 
     def __len__(self):
         return len(self.dataset)
@@ -915,28 +1016,92 @@ class SeededSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
             img, label = self.dataset[index]
-        return img, label, s
+        return img, label, sample_noise(s, self.noise)
+
+
+def sample_noise(seed, n):
+    """(n,) uniform noise of one sample, from its seed alone. XOR with a constant: a stream
+    distinct from the one that drew the sample's crop."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(int(seed) ^ 0x5DEECE66D))
 
 
 def per_sample_uniform(seeds, n, device):
-    """(B,) sample seeds -> (B, n) uniform noise; row b depends on seeds[b] alone."""
-    g = torch.Generator()
-    # XOR with a constant: a stream distinct from the one that drew the sample's crop.
-    rows = [torch.rand(n, generator=g.manual_seed(int(s) ^ 0x5DEECE66D)) for s in seeds.tolist()]
-    return torch.stack(rows).to(device, non_blocking=True)
+    """(B,) sample seeds -> (B, n) uniform noise; row b is sample_noise(seeds[b], n)."""
+    return torch.stack([sample_noise(s, n) for s in seeds.tolist()]).to(device)
 
 
-def build_train_loader(dataset, args, dinfo):
-    """Shuffled, sharded over processes, equal full batches on every rank (drop_last)."""
+@dataclass
+class EncodedCrop:
+    """What a worker sends for --gpu_decode: the file's JPEG bytes (1-D uint8) or, for a
+    file that is not a JPEG, its decoded pixels (3, H, W) uint8; the crop box (left, top,
+    w, h) in the full image; the flip; the output size."""
+    data: torch.Tensor
+    box: tuple
+    flip: bool
+    size: int
+
+
+class EncodeCropFlip(DecodeCropFlip):
+    """DecodeCropFlip for --gpu_decode: draws the same box and flip from the same RNG, but
+    leaves decoding, cropping and resizing to `decode_crops` on the device."""
+
+    def __call__(self, img):
+        box, flip = self.params(*img.size)
+        path = getattr(img, "filename", "")
+        if path and img.format == "JPEG":
+            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+            img.close()
+        else:  # CIFAR, the synthetic data, a PNG: already in memory or not a JPEG
+            data = pil_to_uint8(decode_rgb(img)[0])
+        return EncodedCrop(data, box, flip, self.size)
+
+
+def decode_crops(crops, device):
+    """[EncodedCrop] -> uint8 (B, 3, size, size) on `device`: nvJPEG decodes the batch on a
+    GPU (torchvision.io.decode_jpeg), then each crop is resized (bicubic, antialiased) and
+    flipped there. The same code runs with device='cpu' (libjpeg), which the tests use."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    jpegs = [c.data for c in crops if c.data.ndim == 1]
+    decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else ())
+    out = []
+    for c in crops:
+        img = next(decoded) if c.data.ndim == 1 else c.data.to(device, non_blocking=True)
+        left, top, w, h = c.box
+        x = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(c.size, c.size),
+                          mode="bicubic", antialias=True, align_corners=False)
+        out.append(x.flip(-1) if c.flip else x)
+    return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def collate(samples):
+    """Stack (img, label, noise) samples; --gpu_decode's EncodedCrops stay a list."""
+    imgs, labels, noise = zip(*samples)
+    imgs = list(imgs) if isinstance(imgs[0], EncodedCrop) else torch.stack(imgs)
+    return imgs, torch.as_tensor(labels), torch.stack(noise)
+
+
+def to_device(batch, device):
+    """A loader's batch -> (images normalised on the device, labels, noise). Pinned host
+    memory makes the copies asynchronous: nothing here waits for the GPU."""
+    imgs, labels, noise = batch
+    if isinstance(imgs, list):
+        imgs = decode_crops(imgs, device)
+    imgs = normalize(imgs.to(device, non_blocking=True))
+    return imgs, labels.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+
+
+def build_train_loader(dataset, args, dinfo, noise=0):
+    """Shuffled, sharded over processes, equal full batches on every rank (drop_last);
+    each sample carries `noise` uniform numbers drawn from its own seed."""
     sampler = EpochSampler(dataset, num_replicas=dinfo.world_size, rank=dinfo.rank,
                            shuffle=True, seed=args.seed)
     if len(sampler) < args.batch_size * args.accum_iter:
         raise ConfigError(f"the training set has {len(dataset)} images: fewer than one optimizer "
                           f"step (--batch_size {args.batch_size} x --accum_iter {args.accum_iter} "
                           f"x {dinfo.world_size} processes)")
-    return DataLoader(SeededSamples(dataset, args.seed), batch_size=args.batch_size,
+    return DataLoader(SeededSamples(dataset, args.seed, noise), batch_size=args.batch_size,
                       sampler=sampler, num_workers=args.num_workers, drop_last=True,
-                      pin_memory=dinfo.device.type == "cuda",
+                      collate_fn=collate, pin_memory=dinfo.device.type == "cuda",
                       persistent_workers=args.num_workers > 0)
 
 
@@ -957,7 +1122,22 @@ def add_data_args(parser):
     g.add_argument("--synthetic_samples", type=int, default=2048,
                    help="training images of the synthetic dataset (val: a quarter)")
     g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    g.add_argument("--gpu_decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG): "
+                   "workers send file bytes and crop boxes, the GPU decodes, crops and resizes")
     return g
+
+
+def data_transform(args, transform):
+    """The workers' transform: `transform` (a DecodeCropFlip), or with --gpu_decode the one
+    that leaves decoding to the GPU."""
+    if not getattr(args, "gpu_decode", False):
+        return transform
+    if not torch.cuda.is_available():
+        raise ConfigError("--gpu_decode needs a CUDA device (nvJPEG); without one, leave it out")
+    if type(transform) is not DecodeCropFlip:
+        raise ConfigError("--gpu_decode serves the crop + flip pipeline of MAE pre-training and "
+                          "the masked distillation methods; this stage augments on the CPU")
+    return EncodeCropFlip(transform.size, transform.scale, transform.flip)
 
 
 def add_optim_args(parser, *, batch_size, epochs, warmup_epochs, blr, weight_decay, min_lr=0.0):
@@ -990,6 +1170,15 @@ def add_run_args(parser, output_dir):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--print_freq", type=int, default=20,
                    help="steps between progress-bar updates (each one syncs with the GPU)")
+    g = parser.add_argument_group("benchmark (measure instead of training)")
+    g.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
+                   help="time this many optimizer steps on synthetic batches kept on the device (no "
+                        "data loader) after --benchmark_warmup steps; print img/s, TFLOP/s, MFU, memory")
+    g.add_argument("--benchmark_warmup", type=int, default=10, metavar="STEPS")
+    g.add_argument("--peak_tflops", type=float, default=None, help="the device's peak for MFU, e.g. "
+                   "989 for an H100 / H200 SXM in bf16 (dense)")
+    g.add_argument("--benchmark_data", type=int, default=0, metavar="BATCHES",
+                   help="only read this many batches with the real loader and print img/s (per worker)")
     return g
 
 
@@ -1008,7 +1197,9 @@ FLAG_RANGES = dict(
     decoder_embed_dim=AT_LEAST_1, decoder_depth=AT_LEAST_1, decoder_num_heads=AT_LEAST_1,
     num_workers=NON_NEGATIVE, save_every=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE,
     blr=POSITIVE, lr=POSITIVE, min_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, clip_grad=POSITIVE,
-    mask_ratio=between(0, 1, hi_ok=False), min_crop_scale=between(0, 1, lo_ok=False))
+    mask_ratio=between(0, 1, hi_ok=False), min_crop_scale=between(0, 1, lo_ok=False),
+    benchmark=NON_NEGATIVE, benchmark_warmup=NON_NEGATIVE, benchmark_data=NON_NEGATIVE,
+    peak_tflops=POSITIVE)
 
 
 def check_ranges(args, ranges):
@@ -1040,6 +1231,35 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def no_sync(model):
+    """DDP's no_sync, also through torch.compile's wrapper: torch.compile(DDP(m)) is not a
+    DistributedDataParallel, and testing the outer object would all-reduce every micro-batch."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner.no_sync() if isinstance(inner, DistributedDataParallel) else nullcontext()
+
+
+def train_step(model, batch, optimizer, step_fn, args, autocast, scaler, last_micro=True):
+    """Forward + backward of one micro-batch (gradients all-reduced only on the last of an
+    accumulation group), then on the last one the optimizer step. -> (loss, terms)."""
+    with nullcontext() if last_micro else no_sync(model):
+        with autocast():
+            loss, terms = step_fn(model, batch)
+        scaled = loss / args.accum_iter
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    if last_micro:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, terms
+
+
 def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, autocast=nullcontext,
                     scaler=None):
     """One epoch of `loss, terms = step_fn(model, batch)` with the per-iteration lr
@@ -1067,25 +1287,9 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
                            args.epochs)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
-        last_micro = (i + 1) % accum == 0
-        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last_micro \
-            else nullcontext()
-        with sync:
-            with autocast():
-                loss, terms = step_fn(model, batch)
-            scaled = loss / accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if last_micro:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        batch = to_device(batch, device)
+        loss, terms = train_step(model, batch, optimizer, step_fn, args, autocast, scaler,
+                                 last_micro=(i + 1) % accum == 0)
         for k, v in {"loss": loss, **terms}.items():  # running sums stay on the device
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         count += 1
@@ -1118,6 +1322,94 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
     stats.update(lr=lr, img_per_s=images * dist_world() / elapsed, epoch_time_s=elapsed,
                  peak_mem_mb=peak_memory_mb(device))
     return stats
+
+
+def wrap_model(model, dinfo, args):
+    """DDP over the processes, then --compile. compile(DDP(m)), not the reverse: the compiler
+    then splits the graph at DDP's gradient buckets, so the all-reduces overlap the backward."""
+    net = model
+    if dinfo.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[dinfo.local_rank] if dinfo.device.type == "cuda"
+                                      else None)
+    return torch.compile(net) if args.compile else net
+
+
+def count_flops(fn):
+    """FLOPs of the aten ops fn() dispatches (matmuls, convolutions, attention), counted once
+    by torch.utils.flop_counter on the eager model."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(args, model, loader, optimizer, step_fn, device, autocast=nullcontext, scaler=None,
+              num_classes=1000):
+    """--benchmark STEPS: optimizer steps on a synthetic batch kept on the device (the real
+    batch's shapes, random uint8 pixels, labels and noise; no data loader), timed after
+    --benchmark_warmup steps. Prints and writes benchmark.json: img/s, TFLOP/s and MFU per
+    device (FLOPs of one micro-batch counted by count_flops on the eager model), peak memory.
+    --benchmark_data BATCHES: only the real loader (and the GPU decode), img/s per worker.
+    Returns False when neither is asked for."""
+    if args.benchmark_data:
+        it, t0, images = iter(loader), None, 0
+        for i in tqdm(range(args.benchmark_data + 1), desc="reading", disable=not is_main_process()):
+            imgs = to_device(next(it), device)[0]
+            if i == 0:  # the first batch waits for the workers to start: not counted
+                sync(device)
+                t0 = time.perf_counter()
+            else:
+                images += imgs.shape[0]
+        sync(device)
+        rate = images / (time.perf_counter() - t0)
+        report = dict(mode="data", images=images, img_per_s=rate, num_workers=args.num_workers,
+                      img_per_s_per_worker=rate / max(args.num_workers, 1), gpu_decode=args.gpu_decode)
+        print0(f"data: {rate:.0f} img/s with {args.num_workers} workers "
+               f"({report['img_per_s_per_worker']:.0f} per worker) on this process's shard")
+    elif args.benchmark:
+        img, _, noise = loader.dataset[(0, 0)]
+        shape = (3, img.size, img.size) if isinstance(img, EncodedCrop) else tuple(img.shape)
+        B = args.batch_size
+        batch = (normalize(torch.randint(0, 256, (B, *shape), dtype=torch.uint8, device=device)),
+                 torch.randint(0, num_classes, (B,), device=device), torch.rand(B, *noise.shape, device=device))
+        model.train(True)
+
+        def micro_step():
+            with autocast():
+                loss, _ = step_fn(unwrap(model), batch)
+            loss.backward()
+        flops = count_flops(micro_step) / B  # per image, forward + backward
+        optimizer.zero_grad(set_to_none=True)
+        for i in range(args.benchmark_warmup + args.benchmark):
+            if i == args.benchmark_warmup:
+                sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+            for j in range(args.accum_iter):
+                train_step(model, batch, optimizer, step_fn, args, autocast, scaler,
+                           last_micro=j + 1 == args.accum_iter)
+        sync(device)
+        rate = args.benchmark * args.accum_iter * B / (time.perf_counter() - t0)  # per device
+        tflops = flops * rate / 1e12
+        report = dict(mode="train", steps=args.benchmark, batch_size=B, img_per_s=rate * dist_world(),
+                      img_per_s_per_device=rate, gflops_per_image=flops / 1e9, tflops_per_device=tflops,
+                      mfu=tflops / args.peak_tflops if args.peak_tflops else None,
+                      peak_mem_mb=peak_memory_mb(device), device=str(device))
+        print0(f"benchmark: {report['img_per_s']:.0f} img/s ({rate:.0f} per device), "
+               f"{flops / 1e9:.2f} GFLOP per image (forward + backward), {tflops:.1f} TFLOP/s per device"
+               + (f", MFU {100 * report['mfu']:.1f}% of {args.peak_tflops:g}" if args.peak_tflops else "")
+               + f", peak memory {report['peak_mem_mb']:.0f} MB")
+    else:
+        return False
+    if is_main_process():
+        (Path(args.output_dir) / "benchmark.json").write_text(json.dumps(report, indent=1))
+    return True
 
 
 def dist_world():

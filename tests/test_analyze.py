@@ -193,7 +193,7 @@ def test_the_command_compares_mae_lite_features_and_patch_attention(analysis, ch
     # of analyze.py's feature code: norm1 of each block and the final norm, cls dropped.
     args = analyze.get_args_parser().parse_args(["x", *TINY_DATA])
     ds, _ = util.build_dataset(args, train=False, transform=util.eval_transform(32))
-    imgs = torch.stack([ds[i][0] for i in range(len(ds))])
+    imgs = util.normalize(torch.stack([ds[i][0] for i in range(len(ds))]))
     feats, dists = [], []
     for path, heads in zip(checkpoints, (3, 6)):
         model = VisionTransformer(img_size=32, patch_size=8, num_classes=0, embed_dim=192, depth=12,

@@ -60,7 +60,7 @@ def test_two_processes_count_each_of_13_images_once_and_match_a_direct_computati
     torch.save({"model": src.state_dict()}, path)
     data = ["--synthetic_samples", "52"]  # the synthetic val split is a quarter: 13 images
     val, _ = util.build_dataset(parse(*data), train=False, transform=util.eval_transform(32))
-    imgs = torch.stack([val[i][0] for i in range(len(val))])
+    imgs = util.normalize(torch.stack([val[i][0] for i in range(len(val))]))
     labels = torch.tensor([val[i][1] for i in range(len(val))])
     with torch.no_grad():
         logits = src(imgs)

@@ -9,7 +9,7 @@ import hiera
 import util
 from hiera import Hiera, create_hiera, reroll, unroll
 from mae_pretrain import (MaskedAutoencoderHiera, create_mae_hiera, patchify_hiera,
-                          random_unit_mask, reconstruct_hiera)
+                          random_unit_mask, reconstruct)
 from vit import VisionTransformer
 
 IMG = 64  # 16x16 tokens, 2x2 mask units: the smallest image Hiera takes
@@ -334,7 +334,7 @@ def test_mae_student_preset_size_and_names():
 def test_reconstruction_pastes_the_visible_units():
     mae = small_mae()
     noise = torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.7, 0.3, 0.6, 0.4]])
-    masked, recon, pasted = reconstruct_hiera(mae, IMGS, 0.5, noise)
+    masked, recon, pasted = reconstruct(mae, IMGS, 0.5, noise)
     assert masked.shape == recon.shape == pasted.shape == IMGS.shape
     assert torch.equal(pasted[0, :, :32, :32], IMGS[0, :, :32, :32])  # unit 0 of image 0: kept
     assert torch.all(masked[0, :, :32, 32:] == 0)  # unit 1: removed

@@ -63,13 +63,14 @@ def test_synthetic_data_is_deterministic_by_seed_and_class_balanced():
 
 
 def test_seeded_samples_repeat_per_epoch_and_index_and_differ_across_epochs():
-    ds = util.SeededSamples(util.SyntheticShapes(8, 32, transform=util.pretrain_transform(32)), seed=0)
-    x1, _, s1 = ds[(3, 0)]
+    ds = util.SeededSamples(util.SyntheticShapes(8, 32, transform=util.pretrain_transform(32)), seed=0,
+                            noise=10)
+    x1, _, s1 = ds[(3, 0)]  # s: the sample's mask noise, drawn from its seed
     torch.rand(5)  # the global RNG state must not matter
     x2, _, s2 = ds[(3, 0)]
     x3, _, s3 = ds[(3, 1)]
-    assert s1 == s2 and torch.equal(x1, x2)
-    assert s1 != s3 and not torch.equal(x1, x3)
+    assert torch.equal(s1, s2) and torch.equal(x1, x2)
+    assert not torch.equal(s1, s3) and not torch.equal(x1, x3)
 
 
 def test_per_sample_noise_rows_depend_only_on_their_own_seed():
