@@ -1,0 +1,241 @@
+"""Hugging Face transformers checkpoints in (util.load_pretrained) and out (export_hf.py),
+checked against transformers itself: the models are built from a config with random
+weights, never downloaded.
+
+Naming generations: transformers 5.x keeps its modules under 5.x names (vit.layers.N.
+attention.q_proj, mlp.fc1, ...); its save_pretrained writes 4.x's names (vit.encoder.layer.N.
+attention.attention.query, intermediate.dense, ...) unless save_original_format=False.
+Both come from the installed transformers here. One thing 5.x writes differently from
+4.x: the MAE decoder's blocks, as decoder.decoder_encoder.layer.N instead of 4.x's
+decoder.decoder_layers.N; the true 4.x file (facebook/vit-mae-*) is built from 5.x's by
+renaming that stack (`as_4x`), since only one transformers is installed.
+"""
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import (ViTConfig, ViTForImageClassification, ViTMAEConfig,  # noqa: E402
+                          ViTMAEForPreTraining, ViTModel)
+
+import analyze  # noqa: E402
+import distill_pretrain as dp  # noqa: E402
+import finetune  # noqa: E402
+import util  # noqa: E402
+from conftest import TINY_DATA, error_line, run_script  # noqa: E402
+from mae_pretrain import MaskedAutoencoderViT  # noqa: E402
+from vit import VisionTransformer, sincos_pos_embed  # noqa: E402
+
+# 48 wide with 4 heads and a 32-wide decoder with 2: neither is the count util would guess
+# from the width (1 and 1), so a match shows the head counts came from config.json.
+ARCH = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4)
+MAE_ARCH = dict(ARCH, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+HF_ARCH = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
+               image_size=32, patch_size=8, layer_norm_eps=1e-6)  # eps: see the eps test
+HF_MAE_ARCH = dict(HF_ARCH, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                   decoder_num_attention_heads=2, decoder_intermediate_size=128, norm_pix_loss=True)
+IMGS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+NOISE = torch.rand(3, 16, generator=torch.Generator().manual_seed(1))
+
+
+def randomize(model, seed=0):
+    """Every parameter random (position embeddings and mask token too: a fresh transformers
+    5.x ViTMAE holds zeros there until weights are loaded), norms around 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
+    return model.eval()
+
+
+def hf_mae(seed=0, **cfg):
+    return randomize(ViTMAEForPreTraining(ViTMAEConfig(**{**HF_MAE_ARCH, **cfg})), seed)
+
+
+def as_4x(sd):
+    """transformers 5.x's on-disk names -> 4.x's (they differ only in the decoder's stack)."""
+    return {k.replace("decoder.decoder_encoder.layer.", "decoder.decoder_layers."): v for k, v in sd.items()}
+
+
+def hf_output(model):
+    with torch.no_grad():
+        return model(pixel_values=IMGS, noise=NOISE)
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+def test_transformers_sincos_position_embedding_is_maes_layout_bit_for_bit():
+    """transformers computes [sin_h|cos_h|sin_w|cos_w] and rotates the halves to MAE's
+    column-first layout, so an MAE of ours rebuilt from its weights adds the same positions."""
+    hf = ViTMAEForPreTraining(ViTMAEConfig(**HF_MAE_ARCH))
+    hf.decoder.initialize_weights(num_patches=16)  # transformers' own sin-cos, 4x4 grid
+    assert torch.equal(hf.decoder.decoder_pos_embed[0], sincos_pos_embed(32, 4))
+
+
+def saved(layout, hf, tmp_path):
+    """`hf` written the way `layout` names; returns the path util is given."""
+    d = tmp_path / layout
+    if layout == "5.x directory (save_original_format=False)":
+        hf.save_pretrained(d, save_original_format=False)
+        return d
+    hf.save_pretrained(d)  # 4.x names, except 5.x's spelling of the decoder's stack
+    if layout == "save_pretrained directory":
+        return d
+    if layout == "4.x directory, pytorch_model.bin":  # facebook/vit-mae-* as first uploaded
+        torch.save(as_4x(load_file(d / "model.safetensors")), d / "pytorch_model.bin")
+        (d / "model.safetensors").unlink()
+        return d
+    if layout == "4.x weight file alone":
+        save_file(as_4x(load_file(d / "model.safetensors")), tmp_path / "model.safetensors")
+        return tmp_path / "model.safetensors"
+    if layout == "5.x state_dict alone":
+        torch.save(hf.state_dict(), tmp_path / "vit_mae.pth")
+        return tmp_path / "vit_mae.pth"
+    raise ValueError(layout)
+
+
+LAYOUTS = ["save_pretrained directory", "4.x directory, pytorch_model.bin",
+           "5.x directory (save_original_format=False)", "4.x weight file alone",
+           "5.x state_dict alone"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_transformers_vitmae_gives_its_loss_prediction_and_mask_through_load_pretrained(
+        layout, tmp_path):
+    hf = hf_mae()
+    path = saved(layout, hf, tmp_path)
+    ours = MaskedAutoencoderViT(**MAE_ARCH, norm_pix_loss=True).eval()
+    report = util.load_pretrained(ours, path, allow_missing=(), verbose=False)
+    assert report.missing == [] and report.unexpected == []
+    want = hf_output(hf)
+    with torch.no_grad():
+        loss, pred, mask = ours(IMGS, 0.75, NOISE)
+    assert torch.equal(mask, want.mask)
+    # The same operations in the same order here: equal to float rounding (measured: 0.0).
+    assert max_diff(pred, want.logits) < 1e-5
+    assert loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
+
+
+def test_config_json_gives_the_head_counts_and_image_size(tmp_path):
+    hf_mae().save_pretrained(tmp_path / "mae")
+    cfg = util.infer_vit_config(tmp_path / "mae")
+    assert (cfg["num_heads"], cfg["heads_inferred"], cfg["decoder_num_heads"]) == (4, False, 2)
+    assert (cfg["embed_dim"], cfg["depth"], cfg["patch_size"], cfg["img_size"]) == (48, 2, 8, 32)
+    alone = util.infer_vit_config(tmp_path / "mae" / "model.safetensors")  # no config: guessed
+    assert (alone["num_heads"], alone["heads_inferred"]) == (1, True)
+
+
+def test_a_recorded_head_count_from_config_json_is_enforced(tmp_path):
+    hf_mae().save_pretrained(tmp_path / "mae")
+    with pytest.raises(util.CheckpointError, match="trained with 4 heads, the model has 2"):
+        util.load_pretrained(VisionTransformer(**{**ARCH, "num_heads": 2}, num_classes=0),
+                             tmp_path / "mae", verbose=False)
+
+
+def test_a_transformers_vit_classifier_gives_its_logits_through_finetunes_eval_loader(tmp_path):
+    hf = randomize(ViTForImageClassification(ViTConfig(**HF_ARCH, num_labels=8)))
+    hf.save_pretrained(tmp_path / "vit")
+    model = VisionTransformer(**ARCH, num_classes=8)  # as finetune.py --eval --cls_token builds it
+    finetune.load_classifier(model, util.load_checkpoint(tmp_path / "vit"), tmp_path / "vit")
+    with torch.no_grad():
+        assert max_diff(model.eval()(IMGS), hf(pixel_values=IMGS).logits) < 1e-5
+
+
+def test_a_transformers_vit_without_qkv_bias_loads_with_a_zero_bias_and_its_logits(tmp_path):
+    hf = randomize(ViTForImageClassification(ViTConfig(**HF_ARCH, num_labels=8, qkv_bias=False)))
+    hf.save_pretrained(tmp_path / "vit")
+    model = VisionTransformer(**ARCH, num_classes=8).eval()
+    util.load_pretrained(model, tmp_path / "vit", allow_missing=(), verbose=False)
+    assert torch.equal(model.blocks[0].attn.qkv.bias, torch.zeros(3 * 48))
+    with torch.no_grad():
+        assert max_diff(model(IMGS), hf(pixel_values=IMGS).logits) < 1e-5
+
+
+def test_a_transformers_vitmodel_loads_and_only_its_tanh_pooler_is_unused(tmp_path):
+    hf = randomize(ViTModel(ViTConfig(**HF_ARCH)))  # add_pooling_layer=True: BERT's pooler
+    hf.save_pretrained(tmp_path / "vit")
+    ours = VisionTransformer(**ARCH, num_classes=0).eval()
+    report = util.load_pretrained(ours, tmp_path / "vit", allow_missing=(), verbose=False)
+    assert sorted(report.unexpected) == ["vit.pooler.dense.bias", "vit.pooler.dense.weight"]
+    with torch.no_grad():
+        assert max_diff(ours.forward_features(IMGS), hf(pixel_values=IMGS).last_hidden_state) < 1e-5
+
+
+def test_transformers_layer_norm_eps_1e_12_moves_outputs_by_float_rounding_only(tmp_path):
+    """transformers' configs say 1e-12 (facebook/vit-mae-*, google/vit-*); the weights were
+    trained with 1e-6 (official MAE, JAX ViT), which the ViT here always uses."""
+    hf = hf_mae(layer_norm_eps=1e-12)
+    hf.save_pretrained(tmp_path / "mae")
+    ours = MaskedAutoencoderViT(**MAE_ARCH, norm_pix_loss=True).eval()
+    util.load_pretrained(ours, tmp_path / "mae", allow_missing=(), verbose=False)
+    with torch.no_grad():
+        loss, pred, _ = ours(IMGS, 0.75, NOISE)
+    want = hf_output(hf)
+    assert max_diff(pred, want.logits) < 1e-4 and loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+
+
+# -- reading: what is refused ------------------------------------------------------------
+
+
+def bad_input(case, tmp_path):
+    """-> the path util is given for each kind of bad input."""
+    d = tmp_path / "hf"
+    if case == "unsupported model type":
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "swin"}))
+        return d
+    hf_mae().save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    if case == "no weights":
+        (d / "model.safetensors").unlink()
+    elif case == "no config.json":
+        (d / "config.json").unlink()
+    elif case == "width disagrees":
+        (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64}))
+    elif case == "depth disagrees":
+        (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    elif case == "not JSON":
+        (d / "config.json").write_text("{'hidden_size': 48")
+    elif case == "approximate GELU":
+        (d / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu_new"}))
+    elif case == "a DeiT weight file":
+        sd = {"deit." + k[4:] if k.startswith("vit.") else k: v
+              for k, v in load_file(d / "model.safetensors").items()}
+        save_file(sd, tmp_path / "deit.safetensors")
+        return tmp_path / "deit.safetensors"
+    elif case == "layer scale in a block (DINOv2-like)":
+        sd = load_file(d / "model.safetensors")
+        sd["vit.encoder.layer.0.layer_scale1.lambda1"] = torch.ones(48)
+        save_file(sd, tmp_path / "dinov2.safetensors")
+        return tmp_path / "dinov2.safetensors"
+    return d
+
+
+@pytest.mark.parametrize("case, where, message", [
+    ("no weights", "hf", "has config.json but no model.safetensors or pytorch_model.bin"),
+    ("no config.json", "hf", "a directory without config.json; give a checkpoint file"),
+    ("width disagrees", "hf/config.json", "hidden_size is 64, the weights in model.safetensors have 48"),
+    ("depth disagrees", "hf/config.json", "num_hidden_layers is 3, the weights in model.safetensors have 2"),
+    ("not JSON", "hf/config.json", "not valid JSON"),
+    ("approximate GELU", "hf/config.json", "hidden_act 'gelu_new'"),
+    ("unsupported model type", "hf/config.json", "model_type 'swin'; only Hugging Face ViT"),
+    ("a DeiT weight file", "deit.safetensors", "a Hugging Face 'deit' model; only ViT and ViTMAE"),
+    ("layer scale in a block (DINOv2-like)", "dinov2.safetensors",
+     "vit.encoder.layer.0.layer_scale1.lambda1 is not part of a ViT block"),
+])
+def test_bad_transformers_input_is_refused_naming_the_file_and_the_problem(tmp_path, case, where, message):
+    path = bad_input(case, tmp_path)
+    with pytest.raises(util.CheckpointError) as e:
+        util.load_pretrained(VisionTransformer(**ARCH, num_classes=0), path, verbose=False)
+    assert str(e.value).startswith(f"{tmp_path / where}: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
