@@ -24,6 +24,7 @@ from transformers import (ViTConfig, ViTForImageClassification, ViTMAEConfig,  #
 
 import analyze  # noqa: E402
 import distill_pretrain as dp  # noqa: E402
+import export_hf  # noqa: E402
 import finetune  # noqa: E402
 import util  # noqa: E402
 from conftest import TINY_DATA, error_line, run_script  # noqa: E402
@@ -239,3 +240,110 @@ def test_bad_transformers_input_is_refused_naming_the_file_and_the_problem(tmp_p
         util.load_pretrained(VisionTransformer(**ARCH, num_classes=0), path, verbose=False)
     assert str(e.value).startswith(f"{tmp_path / where}: ") and message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def our_checkpoint(tmp_path, model, **extra):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "model_config": model.config, **extra}, path)
+    return path
+
+
+def test_an_exported_mae_loads_into_transformers_without_warnings_and_computes_the_same(tmp_path):
+    torch.manual_seed(0)
+    ours = MaskedAutoencoderViT(**MAE_ARCH, norm_pix_loss=True).eval()
+    path = our_checkpoint(tmp_path, ours, args={"mask_ratio": 0.6})
+    export_hf.export(path, tmp_path / "hf")
+    hf, info = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    c = hf.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.patch_size, c.image_size,
+            c.decoder_num_attention_heads, c.norm_pix_loss, c.mask_ratio) == (48, 2, 4, 8, 32, 2, True, 0.6)
+    with torch.no_grad():
+        want = hf.eval()(pixel_values=IMGS, noise=NOISE)
+        loss, pred, mask = ours(IMGS, 0.6, NOISE)
+    assert torch.equal(mask, want.mask)
+    assert max_diff(pred, want.logits) < 1e-5
+    assert loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
+
+
+def test_ours_to_transformers_to_ours_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    src = MaskedAutoencoderViT(**MAE_ARCH, norm_pix_loss=True)
+    export_hf.export(our_checkpoint(tmp_path, src), tmp_path / "hf")
+    back = MaskedAutoencoderViT(**MAE_ARCH)
+    util.load_pretrained(back, tmp_path / "hf", allow_missing=(), verbose=False)
+    assert src.state_dict().keys() == back.state_dict().keys()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in src.state_dict().items())
+
+
+def test_an_exported_cls_token_classifier_gives_our_logits_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    ours = VisionTransformer(**ARCH, num_classes=5).eval()
+    torch.nn.init.normal_(ours.head.weight)
+    kind, _ = export_hf.export(our_checkpoint(tmp_path, ours), tmp_path / "hf")
+    hf, info = ViTForImageClassification.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert kind == "classifier" and not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert max_diff(hf.eval()(pixel_values=IMGS).logits, ours(IMGS)) < 1e-5
+
+
+def test_an_encoder_exports_as_a_vitmodel_whose_only_new_weights_are_the_pooler(tmp_path):
+    torch.manual_seed(0)
+    ours = VisionTransformer(**ARCH, num_classes=0).eval()
+    kind, _ = export_hf.export(our_checkpoint(tmp_path, ours), tmp_path / "hf")
+    assert kind == "encoder"
+    hf, info = ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    _, info = ViTModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["pooler.dense.bias", "pooler.dense.weight"]
+    with torch.no_grad():
+        assert max_diff(hf.eval()(pixel_values=IMGS).last_hidden_state, ours.forward_features(IMGS)) < 1e-5
+
+
+def test_without_safetensors_the_export_is_a_pytorch_model_bin_transformers_loads(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails as if not installed
+    torch.manual_seed(0)
+    ours = VisionTransformer(**ARCH, num_classes=0).eval()
+    export_hf.export(our_checkpoint(tmp_path, ours), tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "pytorch_model.bin"]
+    monkeypatch.undo()
+    hf, info = ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("mean-pooled classifier", "a mean-pooled model (fc_norm, no final norm)"),
+    ("linear probe", "a linear-probe head (BatchNorm1d + Linear)"),
+    ("adaptive last block", "its last block has 4 heads, the others 2 (TinyMIM's adaptive block)"),
+    ("mae without decoder", "--kind mae, but the checkpoint has no MAE decoder"),
+    ("norm_pix_loss unknown", "norm_pix_loss is not recorded"),
+])
+def test_what_transformers_cannot_represent_is_refused_with_one_line(tmp_path, case, message):
+    kind = "auto"
+    if case == "mean-pooled classifier":
+        path = our_checkpoint(tmp_path, VisionTransformer(**ARCH, num_classes=5, global_pool="avg"))
+    elif case == "linear probe":
+        m = VisionTransformer(**ARCH, num_classes=5)
+        m.head = torch.nn.Sequential(torch.nn.BatchNorm1d(48, affine=False), m.head)
+        path = our_checkpoint(tmp_path, m)
+    elif case == "adaptive last block":
+        path = our_checkpoint(tmp_path, VisionTransformer(**{**ARCH, "num_heads": 2}, last_block_heads=4))
+    elif case == "mae without decoder":
+        path, kind = our_checkpoint(tmp_path, VisionTransformer(**ARCH, num_classes=0)), "mae"
+    else:  # official MAE layout: {'model': ...}, nothing recorded
+        path = tmp_path / "mae_visualize.pth"
+        torch.save({"model": MaskedAutoencoderViT(**MAE_ARCH).state_dict()}, path)
+    with pytest.raises(util.CheckpointError) as e:
+        export_hf.export(path, tmp_path / "hf", kind=kind)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_command_exits_with_one_line_on_a_refusal(tmp_path):
+    path = our_checkpoint(tmp_path, VisionTransformer(**ARCH, num_classes=5, global_pool="avg"))
+    proc = run_script("export_hf.py", path, tmp_path / "hf")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == error_line(proc) and error_line(proc).startswith(f"error: {path}: a mean-pooled")
