@@ -347,3 +347,91 @@ def test_the_command_exits_with_one_line_on_a_refusal(tmp_path):
     proc = run_script("export_hf.py", path, tmp_path / "hf")
     assert proc.returncode == 1
     assert proc.stderr.strip() == error_line(proc) and error_line(proc).startswith(f"error: {path}: a mean-pooled")
+
+
+# -- the stages with a transformers checkpoint --------------------------------------------
+
+# A ViT-Tiny-shaped ViTMAE (192 wide, 12 blocks) with 6 heads (3 is what the width suggests)
+# and a 64-wide decoder with 4 heads (the width suggests 2), patch 8 at 32 px.
+TINY_HF = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=6, intermediate_size=768,
+               image_size=32, patch_size=8, layer_norm_eps=1e-6, decoder_hidden_size=64,
+               decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
+               decoder_intermediate_size=256, norm_pix_loss=True)
+RUN = ["--input_size", "16", "--patch_size", "8", "--synthetic_samples", "16", "--num_workers", "0",
+       "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf") / "vit-mae-tiny"
+    randomize(ViTMAEForPreTraining(ViTMAEConfig(**TINY_HF))).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def distilled(hf_dir, tmp_path_factory):
+    """One short run of each method with the transformers directory as --teacher."""
+    out, logs = {}, {}
+    for method in dp.METHODS:
+        out[method] = tmp_path_factory.mktemp(method)
+        dp.main(dp.get_args_parser().parse_args(
+            ["--method", method, "--teacher", str(hf_dir), *RUN, "--output_dir", str(out[method])]))
+    return out
+
+
+def test_a_transformers_vitmae_is_a_teacher_with_its_config_heads_and_its_features(hf_dir, tmp_path):
+    args = dp.get_args_parser().parse_args(["--method", "attn", "--teacher", str(hf_dir),
+                                            "--input_size", "32", "--output_dir", str(tmp_path)])
+    teacher = dp.build_teacher(args, 8, torch.device("cpu"))
+    assert teacher.config["num_heads"] == 6
+    hf = ViTMAEForPreTraining.from_pretrained(hf_dir, mask_ratio=0.0).eval()
+    identity = torch.arange(16.0).expand(3, 16)  # argsort keeps every patch in its place
+    with torch.no_grad():
+        want = hf.vit(pixel_values=IMGS, noise=identity).last_hidden_state
+        assert max_diff(teacher.forward_features(IMGS), want) < 1e-4
+
+
+@pytest.mark.parametrize("method", dp.METHODS)
+def test_every_distillation_method_runs_from_a_transformers_teacher(distilled, method):
+    log = [json.loads(l) for l in (distilled[method] / "log.txt").read_text().splitlines()]
+    assert len(log) == 1 and all(v == v for v in log[0].values())  # one epoch, no NaN
+
+
+def test_a_distilled_student_exports_to_transformers_and_computes_the_same(distilled, tmp_path):
+    """MAE-Lite's student (attn: an MAE under 'student.', the head mixer under 'distill.')."""
+    ckpt = distilled["attn"] / "checkpoint.pth"
+    kind, config = export_hf.export(ckpt, tmp_path / "hf")
+    hf, info = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert kind == "mae" and not info["missing_keys"] and not info["unexpected_keys"]
+    assert (config["num_attention_heads"], config["image_size"], config["mask_ratio"]) == (3, 16, 0.75)
+    ours = MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                                decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=3,
+                                norm_pix_loss=True).eval()
+    util.load_pretrained(ours, ckpt, verbose=False)
+    imgs, noise = IMGS[:, :, :16, :16], NOISE[:, :4]
+    with torch.no_grad():
+        want = hf.eval()(pixel_values=imgs, noise=noise)
+        loss, pred, _ = ours(imgs, 0.75, noise)
+    assert max_diff(pred, want.logits) < 1e-5 and loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+
+
+def test_a_transformers_vitmae_fine_tunes(hf_dir, tmp_path, capsys):
+    out = tmp_path / "ft"
+    finetune.main(finetune.get_args_parser().parse_args(
+        [*TINY_DATA, "--patch_size", "8", "--num_heads", "6", "--finetune", str(hf_dir), "--epochs", "1",
+         "--warmup_epochs", "0", "--batch_size", "16", "--output_dir", str(out)]))
+    printed = capsys.readouterr().out
+    # cls_token, pos_embed, patch_embed (2) and 12 blocks x 12; mean pooling leaves `norm` unused
+    assert re.search(r"loaded 148 tensors from .*vit-mae-tiny", printed)
+    unused = next(line for line in printed.splitlines() if "unexpected (not used" in line)
+    assert "decoder_blocks.*.attn.qkv.weight" in unused and " norm.weight" in unused
+    assert len(json.loads((out / "log.txt").read_text().splitlines()[-1])) > 0
+
+
+def test_a_transformers_vitmae_is_analysed_with_reconstructions(hf_dir, tmp_path, capsys):
+    analyze.main(analyze.get_args_parser().parse_args(
+        [str(hf_dir), *TINY_DATA, "--num_images", "8", "--output_dir", str(tmp_path)]))
+    printed = capsys.readouterr().out
+    assert "6 heads (given or recorded)" in printed
+    assert "decoder 64 wide, 1 blocks, 4 heads; norm_pix_loss=True (recorded" in printed
+    assert (tmp_path / "reconstructions_vit-mae-tiny.png").stat().st_size > 5_000
