@@ -117,12 +117,16 @@ def export(path, out_dir, kind="auto", num_heads=None, norm_pix_loss=None, mask_
     run = obj.get("args") if isinstance(obj, dict) else None
     run = vars(run) if isinstance(run, argparse.Namespace) else run or {}  # MAE's own checkpoints
     if kind == "auto":
-        kind = "mae" if "decoder_embed_dim" in arch else "classifier" if "head.weight" in sd else "encoder"
+        kind = ("mae" if "decoder_embed_dim" in arch else
+                "classifier" if "head.weight" in sd else "encoder")
     if num_heads:
         arch["num_heads"] = num_heads
     elif arch["heads_inferred"]:
         print0(f"{path}: the head count is not recorded; using {arch['num_heads']} (the width's "
                f"usual count); pass --num_heads if it was trained with another")
+    if arch["embed_dim"] % arch["num_heads"]:
+        raise util.ConfigError(f"--num_heads {arch['num_heads']} does not divide the width "
+                               f"{arch['embed_dim']}")
     if arch["last_block_heads"] not in (None, arch["num_heads"]):
         raise util.CheckpointError(
             f"{path}: its last block has {arch['last_block_heads']} heads, the others "
