@@ -361,6 +361,15 @@ RUN = ["--input_size", "16", "--patch_size", "8", "--synthetic_samples", "16", "
        "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--lr", "1e-3"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose much on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf") / "vit-mae-tiny"
@@ -418,8 +427,9 @@ def test_a_distilled_student_exports_to_transformers_and_computes_the_same(disti
 def test_a_transformers_vitmae_fine_tunes(hf_dir, tmp_path, capsys):
     out = tmp_path / "ft"
     finetune.main(finetune.get_args_parser().parse_args(
-        [*TINY_DATA, "--patch_size", "8", "--num_heads", "6", "--finetune", str(hf_dir), "--epochs", "1",
-         "--warmup_epochs", "0", "--batch_size", "16", "--output_dir", str(out)]))
+        [*TINY_DATA, "--synthetic_samples", "32", "--patch_size", "8", "--num_heads", "6",
+         "--finetune", str(hf_dir), "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "16",
+         "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--output_dir", str(out)]))
     printed = capsys.readouterr().out
     # cls_token, pos_embed, patch_embed (2) and 12 blocks x 12; mean pooling leaves `norm` unused
     assert re.search(r"loaded 148 tensors from .*vit-mae-tiny", printed)

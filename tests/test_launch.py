@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import util
-from conftest import ROOT, TINY_DATA, free_port, run_script
+from conftest import ROOT, TINY_DATA, free_port
 
 # One epoch of two optimizer steps at a global batch of 16 (2 processes x 4 x 2 accumulation).
 TINY = ["mae_pretrain.py", *TINY_DATA, "--synthetic_samples", "32", "--patch_size", "8",
@@ -26,23 +26,27 @@ def weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+def launch(rank, world, port, *flags):
+    """A process as a launcher starts it: the rendezvous in the environment, one thread
+    (tiny models lose much from intra-op threads on a busy 2-core machine)."""
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, *TINY, *map(str, flags)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_two_hand_launched_nodes_form_the_group_and_match_one_process(tmp_path):
     out, ref = tmp_path / "two_nodes", tmp_path / "one"
     port = free_port()
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, *TINY, "--batch_size", "4", "--output_dir", str(out)],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+    procs = [launch(rank, 2, port, "--batch_size", 4, "--output_dir", out) for rank in (0, 1)]
     (out0, err0), (out1, err1) = (p.communicate(timeout=300) for p in procs)
     assert [p.returncode for p in procs] == [0, 0], err0[-2000:] + err1[-2000:]
     assert "effective batch 16 = 4 per process x 2 accumulation x 2 processes" in out0
     assert out1 == ""  # only rank 0 prints, logs and saves on the shared output_dir
     assert len((out / "log.txt").read_text().splitlines()) == 1
-    one = run_script(*TINY, "--batch_size", "8", "--output_dir", ref)
-    assert one.returncode == 0, one.stderr
+    one = launch(0, 1, port, "--batch_size", 8, "--output_dir", ref)  # WORLD_SIZE 1: no group
+    _, err = one.communicate(timeout=300)
+    assert one.returncode == 0, err[-2000:]
     a, b = weights(ref / "checkpoint.pth"), weights(out / "checkpoint.pth")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     losses = [json.loads(line)["train_loss"] for line in (out / "log.txt").read_text().splitlines()]
