@@ -92,7 +92,7 @@ def saved(layout, hf, tmp_path):
     hf.save_pretrained(d)  # 4.x names, except 5.x's spelling of the decoder's stack
     if layout == "save_pretrained directory":
         return d
-    if layout == "4.x directory, pytorch_model.bin":  # facebook/vit-mae-* as first uploaded
+    if layout == "4.x directory, pytorch_model.bin":  # the older hub files are .bin
         torch.save(as_4x(load_file(d / "model.safetensors")), d / "pytorch_model.bin")
         (d / "model.safetensors").unlink()
         return d
@@ -172,7 +172,7 @@ def test_a_transformers_vitmodel_loads_and_only_its_tanh_pooler_is_unused(tmp_pa
         assert max_diff(ours.forward_features(IMGS), hf(pixel_values=IMGS).last_hidden_state) < 1e-5
 
 
-def test_transformers_layer_norm_eps_1e_12_moves_outputs_by_float_rounding_only(tmp_path):
+def test_transformers_layer_norm_eps_1e_12_moves_the_outputs_by_less_than_1e_4(tmp_path):
     """transformers' configs say 1e-12 (facebook/vit-mae-*, google/vit-*); the weights were
     trained with 1e-6 (official MAE, JAX ViT), which the ViT here always uses."""
     hf = hf_mae(layer_norm_eps=1e-12)
