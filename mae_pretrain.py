@@ -12,6 +12,11 @@ mask token at every removed position and predicts the removed patches' pixels.
 75% of the tokens never enter the encoder: with ViT-B at 224 it runs on 49 + 1 tokens
 instead of 197, about 4x less encoder compute than a forward pass on the full image.
 
+On a Hiera (--model mae_hiera_*; MaskedAutoencoderHiera below) the unit of masking is a
+mask unit of 32x32 px (8x8 tokens after the stride-4 embedding): the encoder runs on the
+kept units, its stages are fused (multi-scale fusion) and a decoder predicts the removed
+units' pixels in 16x16 patches. MAE-Lite's Hiera-Tiny: --model mae_hiera_tiny --mask_ratio 0.4.
+
 Commands (the built-in synthetic data is used when --data_path is not given):
     # a few minutes on a laptop CPU
     python mae_pretrain.py --input_size 32 --patch_size 4 --epochs 10 --output_dir runs/mae_quick
@@ -22,6 +27,12 @@ Commands (the built-in synthetic data is used when --data_path is not given):
     # MAE ViT-B, 800 epochs, batch 4096 = 64 x 8 GPUs x 8 accumulation
     torchrun --nproc_per_node=8 mae_pretrain.py --model mae_vit_base --data_path /data/imagenet \\
         --batch_size 64 --accum_iter 8 --epochs 800 --warmup_epochs 40 --blr 1.5e-4
+    # MAE-Lite's Hiera-Tiny (46 wide), mask 0.4, 400 epochs, batch 4096 = 512 x 8 GPUs
+    torchrun --nproc_per_node=8 mae_pretrain.py --model mae_hiera_tiny --mask_ratio 0.4 \\
+        --data_path /data/imagenet --batch_size 512 --epochs 400 --warmup_epochs 40 \\
+        --blr 1.5e-4 --min_crop_scale 0.08
+    # throughput only: 50 optimizer steps on synthetic device batches, MFU against a peak
+    python mae_pretrain.py --model mae_vit_base --batch_size 256 --benchmark 50 --peak_tflops 989
 
 Expected (ImageNet-1K top-1 after fine-tuning, PAPERS.md section 9): MAE-Tiny 78.0
 (400 ep, 300 ep fine-tune), MAE ViT-B 83.6.
@@ -34,6 +45,10 @@ Where this differs from the official code (facebookresearch/mae):
 - --mask_ratio 0 is allowed: with nothing removed the loss is taken over all patches
   (the official loss divides by zero).
 - --norm_pix_loss defaults to on (the paper's recipe; the official flag defaults to off).
+- The crop is resized with torch's antialiased bicubic on uint8 (Keys a = -0.75; the
+  official PIL bicubic has a = -0.5), and a JPEG whose crop is at least twice the output
+  is decoded at 1/2, 1/4 or 1/8 scale by libjpeg first (util.DecodeCropFlip): the same
+  augmentation up to the interpolation kernel, 1.7x cheaper per image (README).
 """
 import argparse
 from functools import partial

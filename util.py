@@ -2,18 +2,24 @@
 
 - Distributed: torchrun's environment -> NCCL on CUDA, gloo on CPU; plain `python` runs
   with no process group. `print0` prints on rank 0.
-- Errors: `UserError` and its kinds end a run with one line and exit status 1.
+- Errors: `UserError` and its kinds end a run with one line and exit status 1; Ctrl-C
+  with one line saying which epoch checkpoint.pth holds, and status 130.
 - Checkpoints: atomic saves (temp file + rename), `weights_only=True` loads, a reader
-  for the formats in the wild (`read_state_dict`) and `load_pretrained`, which maps,
-  checks and reports every key.
+  for the formats in the wild (`read_state_dict`, Hugging Face layouts included) and
+  `load_pretrained`, which maps, checks and reports every key. A resume refuses flags
+  that would change the model or the method.
 - Optimization: `cosine_lr` (per-iteration warmup + half-cosine) and `param_groups`
   (no weight decay on 1-D params and tokens; MAE's layer-wise lr decay).
 - Data: ImageFolder / CIFAR / a built-in synthetic dataset. Every training sample is
   augmented under an RNG seeded by (seed, epoch, index), and MAE's mask noise comes
   from the same per-sample seed, so a run gives the same batches whatever the number
-  of processes or workers, and a resumed run continues exactly.
-- The training loop shared by the pre-training stages: accumulation under no_sync,
-  autocast, non-finite-loss stop, a tqdm bar, one JSON line per epoch in log.txt.
+  of processes or workers, and a resumed run continues exactly. Workers decode, crop
+  and flip in one step and send uint8; the device normalises (or, with --gpu_decode,
+  decodes JPEG bytes itself).
+- The training loop shared by the training stages: accumulation under no_sync,
+  autocast, non-finite-loss and non-finite-weight stop, a tqdm bar, one JSON line per
+  epoch in log.txt, and no host sync per step outside the progress updates. `benchmark`
+  (--benchmark / --benchmark_data) measures instead of training.
 """
 import argparse
 import hashlib
@@ -1039,10 +1045,12 @@ class DecodeCropFlip:
     opened image, ending in a uint8 (3, size, size) tensor (normalised later, on the device).
 
     The crop box is drawn from the image's header size before any pixel is decoded, so a
-    JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 scale,
-    and the crop and resize are one PIL resize over the box. `crop_box` and the flip draw
-    torch's RNG in the same order in every path: the GPU decode path (EncodedCrop) gets
-    the same boxes."""
+    JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 scale.
+    The crop is then resized by torch's antialiased bicubic on uint8 in channels-last
+    memory: 3.4x faster than PIL's resize on a 300 -> 224 crop (0.39 vs 1.34 ms), with Keys'
+    a = -0.75 where PIL's bicubic has a = -0.5 (a slightly sharper kernel). `crop_box` and
+    the flip draw torch's RNG in the same order in every path: the GPU decode path
+    (EncodeCropFlip) and `crop` (PIL out, for RandAugment) get the same boxes."""
 
     def __init__(self, size, scale=(0.08, 1.0), flip=True):
         self.size, self.scale, self.flip = size, scale, flip
@@ -1052,19 +1060,30 @@ class DecodeCropFlip:
         box = crop_box(width, height, self.scale)
         return box, self.flip and torch.rand(1).item() < 0.5
 
-    def crop(self, img):
-        """The crop as a PIL image (for augmentations that run on PIL, e.g. RandAugment)."""
+    def decode(self, img):
+        """-> (box, flip, decoded RGB image, its box in decoded pixels (l, t, r, b) floats)."""
         from PIL import Image
         if torch.is_tensor(img):  # an already-decoded image (C, H, W)
             img = Image.fromarray(img.permute(1, 2, 0).numpy())
         (left, top, w, h), flip = self.params(*img.size)
         rgb, (sx, sy) = decode_rgb(img, (img.size[0] * self.size / w, img.size[1] * self.size / h))
-        out = rgb.resize((self.size, self.size), Image.BICUBIC,
-                         box=(left / sx, top / sy, (left + w) / sx, (top + h) / sy))
+        return flip, rgb, (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
+
+    def crop(self, img):
+        """The crop as a PIL image (PIL's bicubic), for augmentations that run on PIL."""
+        from PIL import Image
+        flip, rgb, box = self.decode(img)
+        out = rgb.resize((self.size, self.size), Image.BICUBIC, box=box)
         return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
 
     def __call__(self, img):
-        return pil_to_uint8(self.crop(img))
+        import numpy as np
+        flip, rgb, (l, t, r, b) = self.decode(img)
+        l, t = int(l), int(t)  # whole decoded pixels (exact unless the JPEG was decoded reduced)
+        r, b = max(math.ceil(r), l + 1), max(math.ceil(b), t + 1)
+        x = torch.from_numpy(np.asarray(rgb)[t:b, l:r].copy()).permute(2, 0, 1)  # (3, h, w), channels last
+        x = F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", antialias=True)[0]
+        return x.flip(-1) if flip else x
 
 
 def pil_to_uint8(img):

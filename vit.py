@@ -126,7 +126,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)
-        return x * mask / keep
+        return x * mask.div_(keep)  # scale the (B, 1, 1) mask, not x: one full-size tensor, not two
 
 
 class Attention(nn.Module):
