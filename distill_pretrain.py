@@ -143,13 +143,13 @@ def get_args_parser():
     g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
     g.add_argument("--num_heads", type=int, default=None,
                    help="override the student's head count (MAE-Lite's tiny: 12, TinyMIM's: 6)")
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="the student's (attn, amd)")
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="the student's (attn, amd, d2)")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="normalized-pixel MAE loss (attn, amd)")
+                   help="normalized-pixel MAE loss (attn, amd, d2)")
     g.add_argument("--decoder_embed_dim", type=int, default=None,
-                   help="the student's pixel decoder (attn, amd); default: each paper's, see decoder_size")
-    g.add_argument("--decoder_depth", type=int, default=None, help="(attn, amd)")
-    g.add_argument("--decoder_num_heads", type=int, default=None, help="(attn, amd)")
+                   help="the student's pixel decoder (attn, amd, d2); default: each paper's, see decoder_size")
+    g.add_argument("--decoder_depth", type=int, default=None, help="(attn, amd, d2)")
+    g.add_argument("--decoder_num_heads", type=int, default=None, help="(attn, amd, d2)")
     g.add_argument("--decode_layer", type=int, default=8,
                    help="d2: the student block whose output (through the encoder's final norm) the "
                         "pixel decoder reads; the blocks after it learn only from the distillation "
@@ -177,7 +177,7 @@ def get_args_parser():
     g.add_argument("--teacher_mask_ratio", type=float, default=0.5,
                    help="the teacher's mask ratio, below --mask_ratio (amd)")
     g.add_argument("--distill_weight", type=float, default=1.0,
-                   help="weight of the distillation loss added to the pixel loss (attn, amd)")
+                   help="weight of the distillation loss added to the pixel loss (attn, amd, d2)")
     util.add_optim_args(p, batch_size=64, epochs=300, warmup_epochs=15, blr=1.5e-4, weight_decay=0.05)
     util.add_data_args(p)
     util.add_run_args(p, output_dir="runs/distill")
@@ -595,7 +595,7 @@ class DecoupledDistiller(Distiller):
 
 def decoder_size(method, width):
     """The student's pixel decoder (width, blocks, heads) as each paper's code builds it:
-    MAE-Lite's 96 x 1 x 3 for attn; for amd VideoMAE's (AMD's base): ViT-S 192 x 4 x 3, ViT-B
+    MAE-Lite's 96 x 1 x 3 for attn and d2; for amd VideoMAE's (AMD's base): ViT-S 192 x 4 x 3, ViT-B
     384 x 4 x 6, i.e. half the student's width, 4 blocks, 64-dim heads; widths with no
     official decoder (ViT-Tiny: 96) take 32-dim heads, MAE-Lite's decoder head size."""
     if method != "amd":
