@@ -375,11 +375,11 @@ def test_train_subset_reads_an_image_folders_targets_and_refuses_more_than_a_cla
 
 def test_a_subset_run_evaluates_every_eval_freq_epochs_and_the_last_and_logs_its_size(tmp_path, capsys):
     out = tmp_path / "run"
-    finetune.main(parse("--synthetic_samples", "32", "--train_subset", "2", "--eval_freq", "2", "--epochs", "3",
+    finetune.main(parse("--synthetic_samples", "32", "--train_subset", "1", "--eval_freq", "2", "--epochs", "3",
                         "--warmup_epochs", "0", "--batch_size", "8", "--output_dir", out))
-    assert "--train_subset 2: 16 of the 32 training images, 2 per class, drawn with --seed 0" in capsys.readouterr().out
+    assert "--train_subset 1: 8 of the 32 training images, 1 per class, drawn with --seed 0" in capsys.readouterr().out
     log = read_log(out)
-    assert [r["train_images"] for r in log] == [16, 16, 16]
+    assert [r["train_images"] for r in log] == [8, 8, 8]
     assert ["test_acc1" in r for r in log] == [False, True, True]  # epoch 2 of 3, then the last
     assert "best_acc1" not in log[0]
     best = max(log[1]["test_acc1"], log[2]["test_acc1"])
@@ -418,9 +418,9 @@ def test_rpe_tables_get_no_weight_decay_and_their_blocks_layer_decay():
 @pytest.fixture(scope="module")
 def rpe_run(tmp_path_factory, mae_checkpoint):
     out = tmp_path_factory.mktemp("rpe")
-    finetune.main(parse("--finetune", mae_checkpoint, "--rel_pos_bias", "--epochs", "1", "--warmup_epochs", "0",
-                        "--batch_size", "16", "--aa", "none", "--mixup", "0", "--cutmix", "0",
-                        "--output_dir", out))
+    finetune.main(parse("--finetune", mae_checkpoint, "--rel_pos_bias", "--synthetic_samples", "32", "--epochs", "1",
+                        "--warmup_epochs", "0", "--batch_size", "16", "--aa", "none", "--mixup", "0",
+                        "--cutmix", "0", "--output_dir", out))
     return out
 
 
@@ -437,7 +437,7 @@ def test_an_mae_checkpoint_fine_tunes_with_fresh_zero_tables_that_then_train(rpe
 
 def test_an_rpe_classifier_evaluates_with_the_flag_and_is_refused_without_or_at_another_size(rpe_run, tmp_path):
     best = rpe_run / "checkpoint-best.pth"
-    stats = finetune.main(parse("--eval", "--resume", best, "--rel_pos_bias"))
+    stats = finetune.main(parse("--eval", "--resume", best, "--rel_pos_bias", "--synthetic_samples", "32"))
     assert stats["acc1"] == read_log(rpe_run)[-1]["test_acc1"]
     with pytest.raises(util.CheckpointError, match="has relative position bias tables .*add --rel_pos_bias"):
         finetune.main(parse("--eval", "--resume", best))
