@@ -587,7 +587,8 @@ def main(args):
     ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
     if ema is not None:
         optimizer.register_step_post_hook(lambda *_: ema.update(model))
-    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
+    fixed = FIXED_ON_RESUME + (("seed",) if args.train_subset else ())  # the seed drew the subset
+    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=fixed)
     best = None  # the best top-1 so far; None until the first evaluation
     if start_epoch > 0:  # the entries util.resume_checkpoint does not restore
         best = ckpt.get("best_acc1")

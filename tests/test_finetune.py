@@ -443,3 +443,13 @@ def test_an_rpe_classifier_evaluates_with_the_flag_and_is_refused_without_or_at_
         finetune.main(parse("--eval", "--resume", best))
     with pytest.raises(util.CheckpointError, match="tables are not interpolated, use the --input_size"):
         finetune.main(parse("--eval", "--resume", best, "--rel_pos_bias", "--input_size", "48"))
+
+
+def test_a_subset_run_refuses_to_resume_with_another_seed(tmp_path):
+    """The seed drew the labelled images: another seed would continue on other images."""
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": {}, "args": {"seed": 0, "train_subset": 1.0}}, out / "checkpoint.pth")  # its flags
+    with pytest.raises(util.ConfigError, match="was trained with --seed 0, this run has --seed 1"):
+        finetune.main(parse("--synthetic_samples", "32", "--train_subset", "1", "--batch_size", "8",
+                            "--seed", "1", "--output_dir", out))
