@@ -468,7 +468,8 @@ def save_reconstructions(path, name, cfg, args, out, device):
         img_size=args.input_size, patch_size=cfg["patch_size"], in_chans=cfg["in_chans"],
         embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"],
         decoder_embed_dim=cfg["decoder_embed_dim"], decoder_depth=cfg["decoder_depth"],
-        decoder_num_heads=cfg["decoder_num_heads"], mlp_ratio=cfg["mlp_ratio"], norm_pix_loss=norm_pix)
+        decoder_num_heads=cfg["decoder_num_heads"], mlp_ratio=cfg["mlp_ratio"], norm_pix_loss=norm_pix,
+        decode_layer=cfg.get("decode_layer"))  # D²-MAE's decoder reads block 8
     util.load_pretrained(mae, obj, allow_missing=(), name=str(path), verbose=False)
     mae = mae.to(device).eval()
     imgs = figure_images(args).to(device)

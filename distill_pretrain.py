@@ -28,6 +28,23 @@ amd -- AMD (Zhao et al., CVPR 2024). One permutation per sample: the student kee
     teacher's width; m_l: a learned mask token; pos: fixed sin-cos.
 feature -- TinyMIM's feature-distillation baseline: smooth-L1 (beta 2) between Linear(student
     output) and the teacher's block-k output through a LayerNorm without affine parameters.
+d2 -- D²-MAE, MAE-Lite's decoupled distillation (Gao et al., IJCV 2025). attn asks the student's
+    top blocks for two things at once: pixels for the decoder and the teacher's attention. d2
+    separates them. The student (an MAE, as attn) gets one extra block during pre-training,
+    block d+1, cut after its attention logits (norm1 and qkv only); the decoder reads block k
+    (--decode_layer, 8 of 12) through the encoder's final norm. x_j: output of student block j.
+                 pixel = MAE loss of decoder(norm(x_k))
+                 A_s   = q k^T / sqrt(d) of norm1(x_d) in block d+1        (B, Hs, 1+n, 1+n)
+                 loss  = pixel + w * mean_{b,t,i,j} (sum_h W[t,h] A_s[b,h,i,j] - A_t[b,t,i,j])^2
+    Blocks k+1..d still run, but the pixel loss never reaches them: they learn only through the
+    extra block's distillation loss (which reaches blocks 1..k too). Afterwards only blocks 1..d
+    are used: the extra block is saved under 'distill.extra_block.' and reported as not used
+    when the file is loaded as a backbone. The encoder's `norm` is the one block k's output went
+    through: mean-pooling fine-tuning (fc_norm, finetune.py's default) never uses it, but
+    anything that reads the encoder's final output (forward_features, --cls_token pooling,
+    analyze.py's 'out' layer, a dense-task backbone's last norm) applies it to block d's output,
+    which it never saw in pre-training: take the block-d output before `norm` there, or let
+    fine-tuning retrain it.
 
 Everything that trains is one module saved under 'model': the student under 'student.' (so
 the file loads as a plain ViT backbone for fine-tuning and as the next teacher, B -> S -> T,
@@ -53,12 +70,17 @@ Commands (the built-in synthetic data is used when --data_path is not given):
     torchrun --nproc_per_node=8 distill_pretrain.py --method relation \\
         --teacher mae_pretrain_vit_large.pth --model vit_base --data_path /data/imagenet \\
         --batch_size 512 --epochs 300 --warmup_epochs 15 --blr 1.5e-4
+    # 8 GPUs: D²-MAE-Tiny from the official MAE-Base (pixels from block 8, attention into block 13)
+    torchrun --nproc_per_node=8 distill_pretrain.py --method d2 --teacher mae_pretrain_vit_base.pth \\
+        --model vit_tiny --num_heads 12 --data_path /data/imagenet --batch_size 512 --epochs 400 \\
+        --warmup_epochs 40 --blr 1.5e-4 --min_crop_scale 0.08
     # 8 GPUs: AMD ViT-S from MAE-B (grad clip 0.02 from AMD's video recipe)
     torchrun --nproc_per_node=8 distill_pretrain.py --method amd --teacher mae_pretrain_vit_base.pth \\
         --model vit_small --data_path /data/imagenet --batch_size 512 --clip_grad 0.02
 
 Expected (ImageNet-1K top-1 after fine-tuning, PAPERS.md section 9): D-MAE-Tiny 78.4 (MAE-Tiny
-78.0); TinyMIM T / S / B 75.8 / 83.0 / 85.0 (their MAE baselines 71.6 / 80.6 / 83.6); AMD ViT-S /
+78.0); D²-MAE-Tiny 78.7 (300 epochs), 79.4 (1000 epochs with finetune.py --rel_pos_bias);
+TinyMIM T / S / B 75.8 / 83.0 / 85.0 (their MAE baselines 71.6 / 80.6 / 83.6); AMD ViT-S /
 ViT-B 82.1 / 84.6.
 
 Where this differs from the official code:
@@ -75,6 +97,14 @@ Where this differs from the official code:
 - MAE-Lite: the head mixer is a Linear(Hs, Ht) applied by einsum, the same map as the
   official Conv2d(Hs, Ht, 1) with the same default init. --teacher_layer picks the teacher's
   block for a teacher of another depth (the official takes the same index).
+- D²-MAE (mae_lite_distill_d2_exp.py): the same model and loss; the official builds a 13-block
+  MAE and deletes block 13's attn.proj, norm2 and mlp, here the extra block is its own module
+  (AttentionOnlyBlock) outside the student, so the saved student is a plain d-block MAE. Its
+  qkv keeps the official [3D, D] layout, but only q and k are computed (the official computes
+  v and drops it: the v rows get no gradient either way). The official teacher runs all its
+  blocks; here it stops after the block it gives (the same logits). --decode_layer and
+  --teacher_layer generalise the official fixed 8 and 12. util reads the official D²-MAE
+  checkpoint's partial block 13 as this extra block.
 - Crops, colour jitter and masks come from each sample's own seed (util), so a run is the same
   on 1 or N GPUs and a resumed run continues exactly.
 """
@@ -91,14 +121,14 @@ from mae_pretrain import MaskedAutoencoderViT, check_widths, random_masking
 from util import print0
 from vit import VIT_PRESETS, Block, VisionTransformer, gather_tokens
 
-METHODS = ("attn", "relation", "amd", "feature")
+METHODS = ("attn", "relation", "amd", "feature", "d2")
 # Flags that only some methods read: giving one to another method is an error, not a no-op.
-METHOD_FLAGS = {"mask_ratio": ("attn", "amd"), "norm_pix_loss": ("attn", "amd"),
-                "decoder_embed_dim": ("attn", "amd"), "decoder_depth": ("attn", "amd"),
-                "decoder_num_heads": ("attn", "amd"), "distill_weight": ("attn", "amd"),
+METHOD_FLAGS = {"mask_ratio": ("attn", "amd", "d2"), "norm_pix_loss": ("attn", "amd", "d2"),
+                "decoder_embed_dim": ("attn", "amd", "d2"), "decoder_depth": ("attn", "amd", "d2"),
+                "decoder_num_heads": ("attn", "amd", "d2"), "distill_weight": ("attn", "amd", "d2"),
                 "drop_path": ("relation", "feature"), "color_jitter": ("relation", "feature"),
-                "teacher_layer": ("attn", "relation", "feature"), "student_layers": ("amd",),
-                "teacher_layers": ("amd",), "teacher_mask_ratio": ("amd",)}
+                "teacher_layer": ("attn", "relation", "feature", "d2"), "student_layers": ("amd",),
+                "teacher_layers": ("amd",), "teacher_mask_ratio": ("amd",), "decode_layer": ("d2",)}
 
 
 def get_args_parser():
@@ -106,19 +136,24 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("student")
     g.add_argument("--method", required=True, choices=METHODS,
-                   help="attn: MAE-Lite, relation: TinyMIM, amd: AMD, feature: TinyMIM's baseline")
+                   help="attn: MAE-Lite, relation: TinyMIM, amd: AMD, feature: TinyMIM's baseline, "
+                        "d2: MAE-Lite's decoupled D²-MAE")
     g.add_argument("--model", default="vit_tiny", choices=list(VIT_PRESETS), help="the student")
     g.add_argument("--input_size", type=int, default=224)
     g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
     g.add_argument("--num_heads", type=int, default=None,
                    help="override the student's head count (MAE-Lite's tiny: 12, TinyMIM's: 6)")
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="the student's (attn, amd)")
+    g.add_argument("--mask_ratio", type=float, default=0.75, help="the student's (attn, amd, d2)")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="normalized-pixel MAE loss (attn, amd)")
+                   help="normalized-pixel MAE loss (attn, amd, d2)")
     g.add_argument("--decoder_embed_dim", type=int, default=None,
-                   help="the student's pixel decoder (attn, amd); default: each paper's, see decoder_size")
-    g.add_argument("--decoder_depth", type=int, default=None, help="(attn, amd)")
-    g.add_argument("--decoder_num_heads", type=int, default=None, help="(attn, amd)")
+                   help="the student's pixel decoder (attn, amd, d2); default: each paper's, see decoder_size")
+    g.add_argument("--decoder_depth", type=int, default=None, help="(attn, amd, d2)")
+    g.add_argument("--decoder_num_heads", type=int, default=None, help="(attn, amd, d2)")
+    g.add_argument("--decode_layer", type=int, default=8,
+                   help="d2: the student block whose output (through the encoder's final norm) the "
+                        "pixel decoder reads; the blocks after it learn only from the distillation "
+                        "(MAE-Lite: 8 of 12)")
     g.add_argument("--drop_path", type=float, default=0.1,
                    help="the student's stochastic depth (relation, feature); the teacher has none")
     g.add_argument("--min_crop_scale", type=float, default=0.2,
@@ -142,7 +177,7 @@ def get_args_parser():
     g.add_argument("--teacher_mask_ratio", type=float, default=0.5,
                    help="the teacher's mask ratio, below --mask_ratio (amd)")
     g.add_argument("--distill_weight", type=float, default=1.0,
-                   help="weight of the distillation loss added to the pixel loss (attn, amd)")
+                   help="weight of the distillation loss added to the pixel loss (attn, amd, d2)")
     util.add_optim_args(p, batch_size=64, epochs=300, warmup_epochs=15, blr=1.5e-4, weight_decay=0.05)
     util.add_data_args(p)
     util.add_run_args(p, output_dir="runs/distill")
@@ -270,6 +305,32 @@ class FeatureDistillLoss(nn.Module):
     def forward(self, student, teacher):
         target = F.layer_norm(teacher.float(), teacher.shape[-1:], eps=1e-6)
         return F.smooth_l1_loss(self.head(student).float(), target, beta=2.0)
+
+
+class AttentionOnlyBlock(nn.Module):
+    """D²-MAE's extra block: a pre-norm ViT block cut after its attention logits.
+
+    x (B, N, D) -> A = q k^T / sqrt(d)   (B, heads, N, N), with q, k from qkv(norm1(x)).
+    A block's norm1 and fused qkv (the official keeps exactly these of block 13), nothing
+    else: no softmax, attn.proj, norm2, MLP or output. qkv keeps the official [3D, D] layout
+    (three, heads, head_dim), but only its q and k thirds are computed; the v third is never
+    used (no gradient reaches it).
+    """
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.apply(VisionTransformer.init_module)  # MAE's init, qkv as one matrix
+
+    def forward(self, x):
+        D = x.shape[-1]
+        qk = F.linear(self.norm1(x), self.qkv.weight[:2 * D], self.qkv.bias[:2 * D])  # (B, N, 2D)
+        q, k = rearrange(qk, "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        return (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
 
 
 def amd_keep_counts(num_patches, student_ratio, teacher_ratio):
@@ -504,9 +565,37 @@ class FeatureDistiller(Distiller):
         return self.distill(s.encode(s.embed(student_view)).x, t), {}
 
 
+class DecoupledDistiller(Distiller):
+    """MAE-Lite's D²-MAE: MAE pixel loss from block k's output + w * attention-logit loss
+    between an attention-only block d+1 and teacher block t (the same kept tokens).
+    'distill.' holds that block (extra_block) and the head mixer (attn_loss)."""
+
+    def __init__(self, student, teacher_heads, teacher_layer, mask_ratio, weight=1.0):
+        heads = student.config["num_heads"]
+        super().__init__(student, nn.ModuleDict(dict(
+            extra_block=AttentionOnlyBlock(student.embed_dim, heads),
+            attn_loss=AttentionDistillLoss(heads, teacher_heads))))
+        self.teacher_layer, self.mask_ratio, self.weight = teacher_layer, mask_ratio, weight
+        self.decode_layer = student.decode_layer  # k: recorded in the student's config
+
+    def forward(self, imgs, noise, teacher):
+        s, t, k, d = self.student, self.teacher_layer, self.decode_layer, self.student.depth
+        x, mask, ids_restore = random_masking(s.embed(imgs), self.mask_ratio, noise)
+        ids_keep = ids_restore.argsort(dim=1)[:, :x.shape[1]]  # ids_shuffle's kept part
+        with torch.no_grad():  # the teacher encodes the same kept tokens
+            target = teacher.encode(gather_tokens(teacher.embed(imgs), ids_keep), attn=(t,),
+                                    attn_logits=True, stop_at=t).attn[t]  # (B, Ht, 1+n, 1+n)
+        taps = s.encode(x, layers=(k, d))  # blocks 1..d once; x_k and x_d, (B, 1+n, D) each
+        latent = s.norm(taps.layers[k])  # the decoder reads block k: blocks k+1..d get no pixel gradient
+        pixel = s.forward_loss(imgs, s.forward_decoder(latent, ids_restore), mask)
+        logits = self.distill["extra_block"](taps.layers[d])  # block d+1: (B, Hs, 1+n, 1+n)
+        attn = self.distill["attn_loss"](logits, target)
+        return pixel + self.weight * attn, {"pixel": pixel, "attn": attn}
+
+
 def decoder_size(method, width):
     """The student's pixel decoder (width, blocks, heads) as each paper's code builds it:
-    MAE-Lite's 96 x 1 x 3 for attn; for amd VideoMAE's (AMD's base): ViT-S 192 x 4 x 3, ViT-B
+    MAE-Lite's 96 x 1 x 3 for attn and d2; for amd VideoMAE's (AMD's base): ViT-S 192 x 4 x 3, ViT-B
     384 x 4 x 6, i.e. half the student's width, 4 blocks, 64-dim heads; widths with no
     official decoder (ViT-Tiny: 96) take 32-dim heads, MAE-Lite's decoder head size."""
     if method != "amd":
@@ -516,18 +605,19 @@ def decoder_size(method, width):
 
 
 def build_model(args, teacher):
-    """The student for --method (an MAE for attn/amd, a plain ViT otherwise) in its Distiller.
-    Call resolve_layers first."""
+    """The student for --method (an MAE for attn/amd/d2, a plain ViT otherwise) in its
+    Distiller. Call resolve_layers first."""
     preset = VIT_PRESETS[args.model]
     arch = dict(img_size=args.input_size, patch_size=args.patch_size or preset.get("patch_size", 16),
                 embed_dim=preset["embed_dim"], depth=preset["depth"],
                 num_heads=args.num_heads or preset["num_heads"])
     try:
-        if args.method in ("attn", "amd"):
+        if args.method in ("attn", "amd", "d2"):
             student = MaskedAutoencoderViT(**arch, decoder_embed_dim=args.decoder_embed_dim,
                                            decoder_depth=args.decoder_depth,
                                            decoder_num_heads=args.decoder_num_heads,
-                                           norm_pix_loss=args.norm_pix_loss)
+                                           norm_pix_loss=args.norm_pix_loss,
+                                           decode_layer=args.decode_layer if args.method == "d2" else None)
         else:  # TinyMIM's student: fixed sin-cos positions, the adaptive last block for relation
             last_heads = heads_at(teacher, args.teacher_layer) if args.method == "relation" else None
             student = VisionTransformer(**arch, num_classes=0, drop_path_rate=args.drop_path,
@@ -539,6 +629,9 @@ def build_model(args, teacher):
                                   args.mask_ratio, args.distill_weight)
     if args.method == "relation":
         return RelationDistiller(student, args.teacher_layer)
+    if args.method == "d2":
+        return DecoupledDistiller(student, heads_at(teacher, args.teacher_layer), args.teacher_layer,
+                                  args.mask_ratio, args.distill_weight)
     if args.method == "amd":
         return AMDDistiller(student, teacher.embed_dim, args.student_layers, args.teacher_layers,
                             args.mask_ratio, args.teacher_mask_ratio, args.distill_weight)
@@ -571,11 +664,11 @@ class TwoViews:
 FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "method", "teacher", "teacher_model", "teacher_num_heads",
                    "teacher_layer", "student_layers", "teacher_layers", "decoder_embed_dim",
                    "decoder_depth", "decoder_num_heads", "norm_pix_loss", "mask_ratio",
-                   "teacher_mask_ratio")
+                   "teacher_mask_ratio", "decode_layer")
 
 
 def masked_step(model, batch, *, teacher):
-    """attn, amd: one image per sample, masked by its own noise (drawn in the data worker)."""
+    """attn, amd, d2: one image per sample, masked by its own noise (drawn in the data worker)."""
     imgs, _, noise = batch
     return model(imgs, noise, teacher)
 
@@ -591,7 +684,8 @@ def check_args(args):
         teacher_mask_ratio=util.between(0, 1, hi_ok=False), distill_weight=util.NON_NEGATIVE,
         drop_path=util.between(0, 1, hi_ok=False), color_jitter=util.NON_NEGATIVE,
         teacher_num_heads=util.AT_LEAST_1, teacher_layer=util.AT_LEAST_1,
-        student_layers=util.AT_LEAST_1, teacher_layers=util.AT_LEAST_1))
+        student_layers=util.AT_LEAST_1, teacher_layers=util.AT_LEAST_1,
+        decode_layer=util.between(1, VIT_PRESETS[args.model]["depth"])))
     defaults = get_args_parser()
     for flag, methods in METHOD_FLAGS.items():
         if args.method not in methods and getattr(args, flag) != defaults.get_default(flag):
@@ -604,7 +698,7 @@ def check_args(args):
     if args.method == "amd" and len(set(amd_keep_counts(L, args.mask_ratio, args.teacher_mask_ratio))) < 2:
         raise util.ConfigError(f"--teacher_mask_ratio {args.teacher_mask_ratio} must keep more of the "
                                f"{L} patches than --mask_ratio {args.mask_ratio}")
-    if args.method in ("attn", "amd"):  # the defaults are recorded with the run's args
+    if args.method in ("attn", "amd", "d2"):  # the defaults are recorded with the run's args
         default = decoder_size(args.method, preset["embed_dim"])
         for i, flag in enumerate(("decoder_embed_dim", "decoder_depth", "decoder_num_heads")):
             setattr(args, flag, getattr(args, flag) or default[i])
@@ -633,7 +727,9 @@ def main(args):
     layers = args.teacher_layers if args.method == "amd" else [args.teacher_layer]
     print0(f"{args.method}: student {args.model} ({n_params / 1e6:.2f}M trainable + "
            f"{n_extra / 1e6:.2f}M in the method's parts), teacher block(s) {layers}"
-           + (f" <- student block(s) {args.student_layers}" if args.method == "amd" else ""))
+           + (f" <- student block(s) {args.student_layers}" if args.method == "amd" else "")
+           + (f" <- attention-only block {VIT_PRESETS[args.model]['depth'] + 1}; pixels decoded from "
+              f"block {args.decode_layer}" if args.method == "d2" else ""))
     print0(f"{len(dataset)} training images, {len(loader) // args.accum_iter} steps per epoch")
 
     util.effective_lr(args, dinfo.world_size)

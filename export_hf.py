@@ -30,7 +30,11 @@ Refused with one line, because transformers' classes would compute something els
   classifies the cls token after the final layernorm;
 - a linear-probe head (BatchNorm1d + Linear);
 - a TinyMIM relation student whose last block has another head count: a transformers
-  config has one head count for all blocks.
+  config has one head count for all blocks;
+- a model with relative position bias tables (finetune.py --rel_pos_bias): transformers'
+  ViT has no such bias;
+- a D²-MAE student (distill_pretrain.py --method d2) as an MAE: its decoder reads block 8,
+  ViTMAEForPreTraining decodes the last block (its encoder exports with --kind encoder).
 """
 import argparse
 import json
@@ -137,6 +141,13 @@ def export(path, out_dir, kind="auto", num_heads=None, norm_pix_loss=None, mask_
             f"{path}: a mean-pooled model (fc_norm, no final norm); transformers' ViT classifies "
             f"the cls token after the final layernorm and would compute other logits "
             f"(fine-tune with --cls_token to export a classifier)")
+    if any(k.endswith("relative_position_bias_table") for k in sd):
+        raise util.CheckpointError(f"{path}: has relative position bias tables (--rel_pos_bias); "
+                                   f"transformers' ViT has no relative position bias")
+    if kind == "mae" and arch.get("decode_layer", arch["depth"]) != arch["depth"]:
+        raise util.CheckpointError(
+            f"{path}: its decoder reads block {arch['decode_layer']} of {arch['depth']} (D²-MAE); "
+            f"ViTMAEForPreTraining decodes the last block's output: export the encoder with --kind encoder")
     if "head.1.weight" in sd:
         raise util.CheckpointError(f"{path}: a linear-probe head (BatchNorm1d + Linear) has no "
                                    f"counterpart in ViTForImageClassification")

@@ -19,6 +19,15 @@ head's lr. No weight decay on biases, norms, cls_token and pos_embed. Mixed targ
 Linear probing (--linprobe) measures the frozen features: only BatchNorm1d(affine=False)
 + Linear on the cls token train (LARS, no augmentation beyond crop and flip).
 
+--rel_pos_bias (MAE-Lite's "impr.+RPE", BEiT's relative position bias, vit.py): each block
+adds a learned per-head bias for the 2-D offset between query and key to its logits,
+
+    softmax(q k^T / sqrt(d) + B) v,   B[h, i, j] = table[index(i, j), h]
+
+one zero-initialised table of (2G-1)^2 + 3 entries per block (the 3: cls to patch, patch to
+cls, cls to cls) on top of pos_embed. --train_subset N fine-tunes on N labelled images per
+class (MAE-Lite IJCV's data-scale study); --eval_freq N evaluates every N epochs.
+
 Commands (the built-in synthetic data is used when neither --data_path nor --dataset is given):
     # CPU, about 15 minutes: pre-train, fine-tune (a light recipe), evaluate (README: results)
     python mae_pretrain.py --input_size 32 --patch_size 8 --epochs 20 --warmup_epochs 2 \\
@@ -36,6 +45,14 @@ Commands (the built-in synthetic data is used when neither --data_path nor --dat
         --finetune mae_tiny_400e.pth.tar --data_path /data/imagenet --batch_size 128 --epochs 300 \\
         --blr 1e-3 --layer_decay 0.85 --drop_path 0 --aa rand-m10-mstd0.5-inc1 --color_jitter 0.3 \\
         --mixup 0.2 --cutmix 0 --smoothing 0 --reprob 0
+    # MAE-Lite "impr.+RPE": the same, 1000 epochs, --rel_pos_bias, from D²-MAE-Tiny -> 79.4
+    torchrun --nproc_per_node=8 finetune.py --model vit_tiny --num_heads 12 --rel_pos_bias \\
+        --finetune runs/d2mae_tiny/checkpoint.pth --data_path /data/imagenet --batch_size 128 \\
+        --epochs 1000 --blr 1e-3 --layer_decay 0.85 --drop_path 0 --aa rand-m10-mstd0.5-inc1 \\
+        --color_jitter 0.3 --mixup 0.2 --cutmix 0 --smoothing 0 --reprob 0
+    # 50 labelled images per class of CIFAR-10 (as JPEG folders), evaluated every 20 epochs
+    python finetune.py --finetune runs/mae_tiny/checkpoint.pth --data_path data/cifar10-jpg \\
+        --input_size 32 --patch_size 4 --train_subset 50 --epochs 80 --eval_freq 20
     # MAE-Lite downstream (CIFAR-100; also flowers102, pets, aircraft, cars), batch 512 = 128 x 4
     torchrun --nproc_per_node=4 finetune.py --model vit_tiny --num_heads 12 \\
         --finetune mae_tiny_400e.pth.tar --dataset cifar100 --download --batch_size 128 --epochs 50 \\
@@ -49,7 +66,8 @@ Commands (the built-in synthetic data is used when neither --data_path nor --dat
         --data_path /data/imagenet --batch_size 16
 
 Expected (ImageNet-1K top-1, PAPERS.md section 9): MAE ViT-B 83.6; MAE-Tiny 78.0 (400 ep
-pre-training, 300 ep fine-tuning; 76.2 after 100), D-MAE-Tiny 78.4; ViT-Tiny from
+pre-training, 300 ep fine-tuning; 76.2 after 100), D-MAE-Tiny 78.4; D²-MAE-Tiny 78.7, with
+--rel_pos_bias and 1000 epochs 79.4; ViT-Tiny from
 scratch with the "impr." recipe 75.8. Linear probe ViT-B: 67.8 (MAE's FINETUNE.md).
 
 Where this differs from the official code (facebookresearch/mae with timm 0.3.2):
@@ -71,6 +89,16 @@ Where this differs from the official code (facebookresearch/mae with timm 0.3.2)
   (FINETUNE.md); the official script's flag defaults are 0 / 0 (off).
 - A TinyMIM relation student keeps its adaptive last block's head count by default; the
   official TinyMIM fine-tuning rebuilds that block with the standard count (--uniform_heads).
+- --rel_pos_bias: the tables get no weight decay, as timm's Beit (BEiT:
+  --disable_weight_decay_on_rel_pos_bias); MAE-Lite's models_vit_rpe lists only pos_embed and
+  cls_token as no-decay, so its tables are decayed. Its RPE recipe also swaps qkv's bias for
+  BEiT's q_bias / v_bias (no k bias); here the pre-trained k bias stays: it adds one constant
+  to all logits of a query, which the softmax ignores. Tables are not interpolated to another
+  --input_size (BEiT resamples them): that is refused with one line.
+- --train_subset: how the IJCV study drew its subsets is not in the released code; here each
+  class's images are a seeded random draw (nested across sizes).
+- The best checkpoint is the best evaluated epoch: with --eval_freq N > 1 an epoch in between
+  may have been better.
 """
 import argparse
 import copy
@@ -118,6 +146,10 @@ def get_args_parser():
     g.add_argument("--num_heads", type=int, default=None, help="override the head count "
                    "(MAE-Lite's tiny uses 12; this project's checkpoints record theirs)")
     g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth at the last block")
+    g.add_argument("--rel_pos_bias", action="store_true",
+                   help="BEiT's relative position bias in every block, on top of pos_embed (MAE-Lite's "
+                        "'impr.+RPE'): one zero-initialised table per block, no weight decay on it; "
+                        "an RPE checkpoint is evaluated at the --input_size it was trained at")
     g.add_argument("--uniform_heads", action="store_true",
                    help="a TinyMIM relation student's adaptive last block gets the --num_heads split "
                         "of the other blocks (its q/k/v re-split, as the official TinyMIM fine-tuning); "
@@ -153,7 +185,15 @@ def get_args_parser():
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix Beta(a, a); 0: off (both on: "
                    "one of the two per batch, each with probability 0.5)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    util.add_data_args(p)
+    g = util.add_data_args(p)
+    g.add_argument("--train_subset", type=float, default=None, metavar="N",
+                   help="train on N labelled images per class (a whole N >= 1) or on that fraction of "
+                        "each class (0 < N < 1, e.g. 0.1); drawn per class from --seed, the same on any "
+                        "number of processes, and nested (a class's 50 are the first 50 of its 200)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_freq", type=int, default=1, metavar="N",
+                   help="evaluate every N epochs and after the last (many short epochs on a small "
+                        "--train_subset would otherwise spend most of their time evaluating)")
     util.add_run_args(p, output_dir="runs/finetune")
     return p
 
@@ -170,7 +210,8 @@ def build_model(args, num_classes, last_block_heads=None):
         model = create_vit(args.model, img_size=args.input_size, patch_size=args.patch_size,
                            num_heads=args.num_heads, num_classes=num_classes,
                            global_pool="avg" if args.global_pool else "token",
-                           drop_path_rate=args.drop_path, last_block_heads=last_block_heads)
+                           drop_path_rate=args.drop_path, last_block_heads=last_block_heads,
+                           rel_pos_bias=args.rel_pos_bias)
     except ValueError as e:
         raise util.ConfigError(str(e)) from None
     if args.linprobe:
@@ -192,12 +233,19 @@ def init_head(model, args):
 
 
 def load_backbone(model, obj, path, args):
-    """--finetune: load what fits (util checks every key), then draw a fresh head."""
-    report = util.load_pretrained(model, obj, name=path)
+    """--finetune: load what fits (util checks every key), then draw a fresh head. With
+    --rel_pos_bias a pre-trained encoder has no tables: they start at zero (BEiT's init)."""
+    tables = tuple(k for k in model.state_dict() if k.endswith("relative_position_bias_table"))
+    report = util.load_pretrained(model, obj, name=path, allow_missing=(
+        *getattr(model, "head_prefixes", ("head.", "fc_norm.")), *tables))
     init_head(model, args)
-    fresh = sorted({k.rsplit(".", 1)[0] for k in report.missing if not k.startswith("head.")} | {"head"})
+    fresh_tables = [k for k in report.missing if k in tables]
+    fresh = sorted({k.rsplit(".", 1)[0] for k in report.missing
+                    if not k.startswith("head.") and k not in tables} | {"head"})
     print0(f"  freshly initialised: {', '.join(fresh)} (head: trunc-normal std "
-           f"{0.01 if args.linprobe else 2e-5})")
+           f"{0.01 if args.linprobe else 2e-5})" + (
+               f"; the relative position bias tables of {len(fresh_tables)} blocks (zeros)"
+               if fresh_tables else ""))
 
 
 def load_classifier(model, obj, path):
@@ -348,6 +396,43 @@ def build_val_loader(dataset, args, dinfo):
                       num_workers=args.num_workers, pin_memory=dinfo.device.type == "cuda")
 
 
+def dataset_labels(dataset):
+    """Every sample's label, read without decoding an image: .targets (ImageFolder, CIFAR),
+    ._labels (torchvision's Flowers102, OxfordIIITPet, FGVCAircraft), ._samples (Stanford
+    Cars), index % classes (util's built-in data), and concatenations of these."""
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return [y for part in dataset.datasets for y in dataset_labels(part)]
+    if isinstance(dataset, util.SyntheticShapes):
+        return [i % len(dataset.classes) for i in range(len(dataset))]
+    for attr in ("targets", "_labels"):
+        if hasattr(dataset, attr):
+            return [int(y) for y in getattr(dataset, attr)]
+    if hasattr(dataset, "_samples"):
+        return [int(y) for _, y in dataset._samples]
+    raise util.ConfigError(f"--train_subset: cannot read the labels of a {type(dataset).__name__} "
+                           f"without decoding every image")
+
+
+def class_balanced_subset(dataset, n, seed, classes):
+    """--train_subset N: per class c, the first n_c of a permutation of its images drawn from a
+    generator seeded by (seed, c), with n_c = N (a whole N >= 1) or round(N * |c|) (0 < N < 1).
+    The draw depends on the labels and the seed only: the same images on any number of
+    processes, and a smaller N keeps a subset of a larger one's. No file is copied: a Subset
+    of indices, in the dataset's order. -> (Subset, [n_c])."""
+    labels = torch.tensor(dataset_labels(dataset))
+    chosen = []
+    for c, name in enumerate(classes):
+        members = torch.nonzero(labels == c).flatten()  # indices of class c, in dataset order
+        k = int(n) if n >= 1 else max(1, round(n * len(members)))
+        if k > len(members):
+            raise util.ConfigError(f"--train_subset {n:g}: class {name!r} has only {len(members)} "
+                                   f"training images")
+        g = torch.Generator().manual_seed(util.stable_seed(seed, "train_subset", c))
+        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+    indices = torch.cat(chosen).sort().values.tolist()
+    return torch.utils.data.Subset(dataset, indices), [len(x) for x in chosen]
+
+
 # ----------------------------------------------------------------------------
 # Training and evaluation
 
@@ -418,7 +503,12 @@ def check_args(args):
         drop_path=util.between(0, 1, hi_ok=False), model_ema_decay=util.between(0, 1, hi_ok=False),
         min_crop_scale=util.between(0, 1, lo_ok=False), layer_decay=util.between(0, 1, lo_ok=False),
         momentum=util.between(0, 1, hi_ok=False), mixup=util.NON_NEGATIVE, cutmix=util.NON_NEGATIVE,
-        color_jitter=util.NON_NEGATIVE))
+        color_jitter=util.NON_NEGATIVE, train_subset=util.POSITIVE, eval_freq=util.AT_LEAST_1))
+    if args.train_subset is not None and args.train_subset >= 1 and args.train_subset != int(args.train_subset):
+        raise util.ConfigError(f"--train_subset {args.train_subset:g}: a whole number of images per class "
+                               f"(1 or more) or a fraction of each class (below 1)")
+    if args.rel_pos_bias and args.linprobe:
+        raise util.ConfigError("--rel_pos_bias with --linprobe: the frozen tables would stay at zero")
     patch = args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
     if args.input_size % patch:
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
@@ -439,7 +529,8 @@ def check_classes(train, val):
 
 
 # What a resumed run must keep: the classifier and what it starts from.
-FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "global_pool", "linprobe", "finetune", "uniform_heads")
+FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "global_pool", "linprobe", "finetune", "uniform_heads",
+                   "rel_pos_bias", "train_subset")
 
 
 def main(args):
@@ -454,6 +545,12 @@ def main(args):
     if not args.eval:
         train_set, train_classes = util.build_dataset(args, train=True, transform=train_transform(args))
         check_classes(train_classes, classes)
+        if args.train_subset:
+            full = len(train_set)
+            train_set, per_class = class_balanced_subset(train_set, args.train_subset, args.seed, classes)
+            each = per_class[0] if len(set(per_class)) == 1 else f"{min(per_class)}-{max(per_class)}"
+            print0(f"--train_subset {args.train_subset:g}: {len(train_set)} of the {full} training "
+                   f"images, {each} per class, drawn with --seed {args.seed}")
         loader = util.build_train_loader(train_set, args, dinfo)
 
     source = (args.resume or args.finetune) if args.eval else args.finetune
@@ -490,10 +587,11 @@ def main(args):
     ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
     if ema is not None:
         optimizer.register_step_post_hook(lambda *_: ema.update(model))
-    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
-    best = 0.0
+    fixed = FIXED_ON_RESUME + (("seed",) if args.train_subset else ())  # the seed drew the subset
+    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=fixed)
+    best = None  # the best top-1 so far; None until the first evaluation
     if start_epoch > 0:  # the entries util.resume_checkpoint does not restore
-        best = ckpt.get("best_acc1", 0.0)
+        best = ckpt.get("best_acc1")
         if ema is not None and ckpt.get("model_ema"):
             ema.module.load_state_dict(ckpt["model_ema"])
 
@@ -507,24 +605,28 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
-        val = evaluate(model, val_loader, device, autocast, num_classes)
-        log = {**{f"train_{k}": v for k, v in stats.items()},
-               **{f"test_{k}": val[k] for k in ("loss", "acc1", "acc5")}}
-        if ema is not None:
-            ema_val = evaluate(ema.module, val_loader, device, autocast, num_classes)
-            log.update({f"test_ema_{k}": ema_val[k] for k in ("loss", "acc1", "acc5")})
+        log = {f"train_{k}": v for k, v in stats.items()}
         ema_state = {"model_ema": ema.module.state_dict()} if ema is not None else {}
-        if val["acc1"] > best and dinfo.is_main:  # written before checkpoint.pth records it
-            util.save_checkpoint(out / "checkpoint-best.pth", {
-                "model": model.state_dict(), **ema_state, "epoch": epoch, "acc1": val["acc1"],
-                "args": util.plain_args(args), "model_config": model.config})
-        best = max(best, val["acc1"])
+        val = None
+        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:  # --eval_freq, and the last
+            val = evaluate(model, val_loader, device, autocast, num_classes)
+            log.update({f"test_{k}": val[k] for k in ("loss", "acc1", "acc5")})
+            if ema is not None:
+                ema_val = evaluate(ema.module, val_loader, device, autocast, num_classes)
+                log.update({f"test_ema_{k}": ema_val[k] for k in ("loss", "acc1", "acc5")})
+            if (best is None or val["acc1"] > best) and dinfo.is_main:  # before checkpoint.pth records it
+                util.save_checkpoint(out / "checkpoint-best.pth", {
+                    "model": model.state_dict(), **ema_state, "epoch": epoch, "acc1": val["acc1"],
+                    "args": util.plain_args(args), "model_config": model.config})
+            best = val["acc1"] if best is None else max(best, val["acc1"])
         util.save_training_state(args, model, optimizer, scaler, epoch, extra={"best_acc1": best, **ema_state})
-        util.log_stats(args.output_dir, {**log, "best_acc1": best, "epoch": epoch,
-                                         "n_parameters": n_params})
-        print0(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  val loss "
-               f"{val['loss']:.4f}  acc1 {val['acc1']:.2f}  acc{val['top_k']} {val['acc5']:.2f}  "
-               f"best {best:.2f}  {stats['img_per_s']:.0f} img/s  peak {stats['peak_mem_mb']:.0f} MB")
+        util.log_stats(args.output_dir, {**log, **({"best_acc1": best} if best is not None else {}),
+                                         "epoch": epoch, "n_parameters": n_params,
+                                         "train_images": len(train_set)})
+        result = (f"val loss {val['loss']:.4f}  acc1 {val['acc1']:.2f}  acc{val['top_k']} {val['acc5']:.2f}  "
+                  f"best {best:.2f}" if val else f"not evaluated (--eval_freq {args.eval_freq})")
+        print0(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  {result}  "
+               f"{stats['img_per_s']:.0f} img/s  peak {stats['peak_mem_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -134,11 +134,15 @@ class MaskedAutoencoderViT(VisionTransformer):
     """MAE with the official parameter names: the encoder's are vit.py's (so official
     _full / visualize checkpoints load strictly and the encoder loads into a plain
     ViT), plus decoder_embed, mask_token, decoder_pos_embed (fixed sin-cos),
-    decoder_blocks.i.*, decoder_norm, decoder_pred."""
+    decoder_blocks.i.*, decoder_norm, decoder_pred.
+
+    decode_layer: the block whose output, through `norm`, the decoder reads (default: the
+    last). D²-MAE (distill_pretrain.py --method d2) decodes block 8's; recorded in the config
+    so its reconstructions are drawn from the block it was trained on."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=4.0, norm_pix_loss=False):
+                 mlp_ratio=4.0, norm_pix_loss=False, decode_layer=None):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          pos_embed="sincos")
@@ -146,8 +150,11 @@ class MaskedAutoencoderViT(VisionTransformer):
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                            decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
                            decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio,
-                           norm_pix_loss=norm_pix_loss)
+                           norm_pix_loss=norm_pix_loss, decode_layer=decode_layer)
         self.patch_size, self.norm_pix_loss = patch_size, norm_pix_loss
+        self.decode_layer = decode_layer or depth
+        if not 1 <= self.decode_layer <= depth:
+            raise ValueError(f"decode_layer {decode_layer} is not a block of the {depth}-block encoder")
         n = self.num_patches
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -167,6 +174,9 @@ class MaskedAutoencoderViT(VisionTransformer):
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         x = self.embed(imgs)  # [N, L, D], position embedding added BEFORE masking
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+        if self.decode_layer < self.depth:  # D²-MAE: block k's output, the blocks after it not run
+            k = self.decode_layer
+            return self.norm(self.encode(x, layers=(k,), stop_at=k).layers[k]), mask, ids_restore
         return self.encode(x).x, mask, ids_restore  # cls prepended inside; [N, 1 + len_keep, D]
 
     def forward_decoder(self, x, ids_restore):

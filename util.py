@@ -407,6 +407,7 @@ def read_state_dict(path_or_obj, name=None):
     for k in [k for k in sd if k.endswith("attn.q_bias")]:  # BEiT / VideoMAE attention bias
         q, v = sd.pop(k), sd.pop(k.replace("q_bias", "v_bias"))
         sd[k.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.zeros_like(q), v])
+    sd = move_d2_extra_block(sd)
     if "dist_token" in sd:  # DeiT-distilled / TinyMIM*-T: rows are [cls, dist, patches...]
         sd.pop("dist_token")
         pe = sd["pos_embed"]
@@ -415,6 +416,26 @@ def read_state_dict(path_or_obj, name=None):
         sd = {re.sub(r"^head\.norm\.", "norm.", re.sub(r"^head\.fc\.", "head.projection.", k)): v
               for k, v in sd.items()}
     return sd
+
+
+# D²-MAE's attention-only extra block (distill_pretrain.py --method d2) and where MAE-Lite's
+# pre-training decoded pixels from (mae_lite_distill_d2_exp.py: decode_idx 8).
+D2_EXTRA_BLOCK, D2_DECODE_LAYER = "distill.extra_block.", 8
+
+
+def move_d2_extra_block(sd):
+    """MAE-Lite's official D²-MAE checkpoint (mae_tiny_distill_d2_400e.pth.tar) has a 13th
+    block with only norm1 and attn.qkv: the attention-only block that took the teacher's
+    attention during pre-training, not part of the 12-block backbone. Its keys move to
+    distill.extra_block.{norm1, qkv}.*, where this project's d2 students keep it, so a loader
+    reports it as unused instead of refusing a depth mismatch."""
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    last = f"blocks.{depth - 1}."
+    attention_only = {f"{last}{n}.{w}" for n in ("norm1", "attn.qkv") for w in ("weight", "bias")}
+    if depth < 2 or {k for k in sd if k.startswith(last)} != attention_only:
+        return sd
+    return {(D2_EXTRA_BLOCK + k[len(last):].replace("attn.", "") if k.startswith(last) else k): v
+            for k, v in sd.items()}
 
 
 def checkpoint_family(sd):
@@ -483,7 +504,10 @@ def infer_vit_config(path_or_obj, name=None):
         Dd = sd["decoder_embed.weight"].shape[0]
         cfg.update(decoder_embed_dim=Dd,
                    decoder_depth=len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")}),
-                   decoder_num_heads=saved.get("decoder_num_heads") or max(1, Dd // 32))
+                   decoder_num_heads=saved.get("decoder_num_heads") or max(1, Dd // 32),
+                   # the block whose output the decoder reads: D²-MAE's 8, else the last
+                   decode_layer=saved.get("decode_layer") or (
+                       D2_DECODE_LAYER if D2_EXTRA_BLOCK + "qkv.weight" in sd else depth))
     return cfg
 
 
@@ -517,6 +541,10 @@ def load_pretrained(model, path, allow_missing=None, verbose=True, name=None, ch
         if k not in own:
             continue
         want = own[k].shape
+        if k.endswith("relative_position_index"):  # BEiT's index: fixed by the grid, not learnt
+            if v.shape == want and not torch.equal(v, own[k]):
+                raise CheckpointError(f"{path}: {k} is not BEiT's relative-position index for this grid")
+            continue  # the model's own is used
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{path}: {k} holds NaN or infinite values; the checkpoint is unusable")
         if k.endswith("pos_embed") and v.shape != want and v.shape[-1] == want[-1]:
@@ -531,10 +559,21 @@ def load_pretrained(model, path, allow_missing=None, verbose=True, name=None, ch
                 notes.append(f"{k} {tuple(v.shape)} dropped: the model's head is {tuple(want)}")
                 continue
             hint = {"patch_embed.proj.weight": " (patch size or width differ)"}.get(k, "")
+            if k.endswith("relative_position_bias_table"):
+                hint = (" (a relative position bias for another patch grid: tables are not "
+                        "interpolated, use the --input_size the checkpoint was trained at)")
             raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects "
                                   f"{tuple(want)}{hint}")
         loaded[k] = v
     unexpected = [k for k in sd if k not in own]
+    if any(k.endswith("relative_position_bias_table") for k in unexpected) and \
+            not any(k.endswith("relative_position_bias_table") for k in own):
+        raise CheckpointError(f"{path}: has relative position bias tables (trained with --rel_pos_bias); "
+                              f"this model has none and would compute other attention (add --rel_pos_bias)")
+    if any(k.startswith(D2_EXTRA_BLOCK) for k in unexpected):
+        depth = sum(1 for k in own if re.fullmatch(r"blocks\.\d+\.norm1\.weight", k))
+        notes.append(f"{D2_EXTRA_BLOCK}* is D²-MAE's attention-only block {depth + 1}, used only during "
+                     f"pre-training: not part of the {depth}-block backbone, not used")
     extra_blocks = sorted({int(m.group(1)) for k in unexpected
                            if (m := re.match(r"blocks\.(\d+)\.", k))})
     if extra_blocks:
@@ -553,7 +592,7 @@ def load_pretrained(model, path, allow_missing=None, verbose=True, name=None, ch
         raise CheckpointError(f"{path}: its last block has {saved['last_block_heads'] or 'the usual'} "
                               f"heads (TinyMIM's adaptive block), the model's has "
                               f"{mine.get('last_block_heads') or 'the usual'}")
-    missing = [k for k in own if k not in loaded]
+    missing = [k for k in own if k not in loaded and not k.endswith("relative_position_index")]
     fatal = [k for k in missing if not k.startswith(tuple(allow_missing))]
     if fatal:
         raise CheckpointError(f"{path}: missing {len(fatal)} keys the model needs, first "
@@ -703,7 +742,9 @@ def cosine_lr(epoch, lr, min_lr, warmup_epochs, epochs):
 
 
 # Tokens and position embeddings are never weight-decayed (nor are biases / norms).
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "dist_token")
+# BEiT's relative position bias tables neither (timm's Beit.no_weight_decay; BEiT's
+# --disable_weight_decay_on_rel_pos_bias); layer decay gives them their block's id.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "dist_token", "relative_position_bias_table")
 
 
 def vit_layer_id(name, depth):

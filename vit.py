@@ -11,6 +11,13 @@ and what it saves loads into timm:
 Numerics follow timm/MAE: LayerNorm eps 1e-6, exact GELU, scale head_dim^-0.5, and
 the fused qkv projection laid out as (three, heads, head_dim).
 
+Option (off by default, so the plain model stays timm's ViT): rel_pos_bias=True adds
+BEiT's relative position bias to every block's attention logits (MAE-Lite's "impr.+RPE"
+fine-tuning), with BEiT's / timm Beit's names:
+
+    blocks.i.attn.relative_position_bias_table [(2G-1)^2 + 3, heads]   zero-initialised
+    blocks.i.attn.relative_position_index      [1+G*G, 1+G*G]          fixed (a buffer)
+
 Public hooks for distillation and analysis (no other file reaches inside a block):
 
     tokens = vit.embed(imgs)                     # (B, N, D) patch tokens + pos_embed
@@ -91,6 +98,28 @@ def gather_tokens(x, ids):
     return torch.gather(x, 1, repeat(ids, "b n -> b n d", d=x.shape[-1]))
 
 
+def relative_position_index(grid_size):
+    """BEiT's relative-position index for a cls token + a G x G patch grid, (1+G*G, 1+G*G) long.
+
+    Query patch (r, c) and key patch (r', c'), row-major as the tokens: their offset
+    (r - r', c - c') in [-(G-1), G-1]^2 gets the entry (r - r' + G-1) * (2G-1) + (c - c' + G-1)
+    of a table of (2G-1)^2 offsets. Three more entries for the cls token, as BEiT orders them:
+    (2G-1)^2 for the cls query (row 0, "cls to token"), +1 for the cls key (column 0,
+    "token to cls"), +2 for cls to cls. Every pair at the same offset shares one bias.
+    """
+    G = grid_size
+    rows, cols = torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij")
+    r, c = rows.flatten(), cols.flatten()  # (G*G,) each token's row and column
+    offset = (r[:, None] - r[None, :] + G - 1) * (2 * G - 1) + (c[:, None] - c[None, :] + G - 1)
+    n = (2 * G - 1) ** 2
+    index = torch.empty(1 + G * G, 1 + G * G, dtype=torch.long)
+    index[1:, 1:] = offset  # (G*G, G*G): query patch x key patch
+    index[0, :] = n  # the cls query
+    index[:, 0] = n + 1  # the cls key
+    index[0, 0] = n + 2
+    return index
+
+
 # ----------------------------------------------------------------------------
 # Layers
 
@@ -130,9 +159,14 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection laid out (three, heads, head_dim)."""
+    """Multi-head self-attention with a fused qkv projection laid out (three, heads, head_dim).
 
-    def __init__(self, dim, num_heads, qkv_bias=True):
+    rel_pos_grid=G adds BEiT's relative position bias for a cls token + G x G patches to the
+    logits: softmax(q k^T / sqrt(d) + B) v with B[h, i, j] = table[index[i, j], h] (see
+    relative_position_index); the table starts at zero, so a fresh one changes nothing.
+    """
+
+    def __init__(self, dim, num_heads, qkv_bias=True, rel_pos_grid=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -140,6 +174,19 @@ class Attention(nn.Module):
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.rel_pos_grid = rel_pos_grid
+        if rel_pos_grid:
+            # Persistent, as BEiT and MAE-Lite save it (timm's Beit does not): util.load_pretrained
+            # checks a file's index against this one and never needs it.
+            self.register_buffer("relative_position_index", relative_position_index(rel_pos_grid))
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * rel_pos_grid - 1) ** 2 + 3, num_heads))
+
+    def rel_pos_bias(self):
+        """The relative position bias B (heads, 1+G*G, 1+G*G), or None without the option."""
+        if not self.rel_pos_grid:
+            return None
+        return rearrange(self.relative_position_bias_table[self.relative_position_index], "n m h -> h n m")
 
     def qkv_heads(self, x):
         """x (B, N, D) -> q, k, v, each (B, heads, N, head_dim)."""
@@ -150,10 +197,18 @@ class Attention(nn.Module):
         """Returns (output, (q, k, v), attn); attn is None unless attn_kind is
         'logits' (q k^T * scale) or 'probs' (their softmax), which leaves the fused path."""
         q, k, v = self.qkv_heads(x)
-        if attn_kind is None:
-            out, attn = F.scaled_dot_product_attention(q, k, v), None
+        bias = self.rel_pos_bias()  # (h, N, N) or None
+        if bias is not None:
+            if bias.shape[-1] != q.shape[-2]:
+                raise ValueError(f"the relative position bias is defined on all {bias.shape[-1]} tokens "
+                                 f"of the grid, got {q.shape[-2]} (a masked input?)")
+            bias = bias.to(q.dtype)  # the float mask must match q under autocast
+        if attn_kind is None:  # the bias enters as the kernel's additive float mask
+            out, attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
         else:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+            if bias is not None:
+                logits = logits + bias  # what the softmax sees: the tapped logits include it
             probs = logits.softmax(dim=-1)
             out = probs @ v
             attn = logits if attn_kind == "logits" else probs
@@ -174,10 +229,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, rel_pos_grid=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, rel_pos_grid)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -215,11 +270,14 @@ class VisionTransformer(nn.Module):
     last_block_heads: head count of the last block only, at the same width
     (TinyMIM's adaptive block); the parameter shapes do not change.
     num_classes=0 gives no head (an encoder, as MAE pre-training uses).
+    rel_pos_bias: BEiT's relative position bias in every block, one zero-initialised table
+    per block (not shared), on top of pos_embed (MAE-Lite's "impr.+RPE" fine-tuning). It
+    is defined on the full grid: masked (MAE) inputs are refused.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, global_pool="token",
-                 drop_path_rate=0.0, pos_embed="learnable", last_block_heads=None):
+                 drop_path_rate=0.0, pos_embed="learnable", last_block_heads=None, rel_pos_bias=False):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -230,7 +288,8 @@ class VisionTransformer(nn.Module):
                            num_classes=num_classes, embed_dim=embed_dim, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                            global_pool=global_pool, drop_path_rate=drop_path_rate,
-                           pos_embed=pos_embed, last_block_heads=last_block_heads)
+                           pos_embed=pos_embed, last_block_heads=last_block_heads,
+                           rel_pos_bias=rel_pos_bias)
         self.global_pool, self.depth, self.embed_dim = global_pool, depth, embed_dim
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -241,8 +300,9 @@ class VisionTransformer(nn.Module):
         self.pos_embed_type = pos_embed
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # linear stochastic-depth ramp
         heads = [num_heads] * (depth - 1) + [last_block_heads or num_heads]
+        grid = self.patch_embed.grid_size if rel_pos_bias else None
         self.blocks = nn.ModuleList(
-            Block(embed_dim, h, mlp_ratio, qkv_bias, r) for h, r in zip(heads, rates))
+            Block(embed_dim, h, mlp_ratio, qkv_bias, r, rel_pos_grid=grid) for h, r in zip(heads, rates))
         use_fc_norm = global_pool == "avg"
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()

@@ -2,6 +2,7 @@
 whole runs of every method from a teacher made by mae_pretrain.py."""
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -165,14 +166,17 @@ def tiny_teacher(depth=3):
 
 def tiny_distiller(method, teacher):
     torch.manual_seed(0)
-    if method in ("attn", "amd"):
+    if method in ("attn", "amd", "d2"):
         student = MaskedAutoencoderViT(**STUDENT, decoder_embed_dim=16, decoder_depth=1,
-                                       decoder_num_heads=2, norm_pix_loss=True)
+                                       decoder_num_heads=2, norm_pix_loss=True,
+                                       decode_layer=1 if method == "d2" else None)
     else:
         student = VisionTransformer(**STUDENT, num_classes=0, pos_embed="sincos", drop_path_rate=0.1,
                                     last_block_heads=4 if method == "relation" else None)
     if method == "attn":
         return dp.AttentionDistiller(student, 4, 3, 0.75)
+    if method == "d2":  # pixels from block 1 of 2, attention into block 3
+        return dp.DecoupledDistiller(student, 4, 3, 0.75)
     if method == "relation":
         return dp.RelationDistiller(student, 2)
     if method == "amd":
@@ -181,7 +185,7 @@ def tiny_distiller(method, teacher):
 
 
 def run(model, teacher, imgs):
-    if model.__class__ in (dp.AttentionDistiller, dp.AMDDistiller):
+    if model.__class__ in (dp.AttentionDistiller, dp.AMDDistiller, dp.DecoupledDistiller):
         return model(imgs, torch.rand(imgs.shape[0], 16), teacher)
     return model(imgs, imgs.flip(-1), teacher)
 
@@ -225,7 +229,8 @@ def test_the_truncated_teacher_gives_the_relations_of_the_full_forwards_block_k(
 
 
 @pytest.mark.parametrize("method, blocks_run", [("attn", [1, 2, 3]), ("relation", [1]),
-                                                ("amd", [1, 2, 3]), ("feature", [1, 2])])
+                                                ("amd", [1, 2, 3]), ("feature", [1, 2]),
+                                                ("d2", [1, 2, 3])])
 def test_the_teacher_never_runs_past_the_deepest_block_the_method_reads(method, blocks_run):
     teacher = tiny_teacher(depth=4)  # attn reads block 3, relation block 2's q/k/v only,
     model = tiny_distiller(method, teacher)  # amd blocks 2 and 3, feature block 2
@@ -283,12 +288,13 @@ def read_log(run_dir):
 
 
 @pytest.mark.parametrize("method, terms", [("attn", ["pixel", "attn"]), ("relation", ["qk", "vv"]),
-                                           ("amd", ["pixel", "direct", "generation"]), ("feature", [])])
+                                           ("amd", ["pixel", "direct", "generation"]), ("feature", []),
+                                           ("d2", ["pixel", "attn"])])
 def test_each_method_lowers_its_distillation_loss_and_logs_each_term(runs, method, terms):
     first, last = read_log(runs[method])
     assert {f"train_{t}" for t in terms} <= first.keys()
     distill = {"attn": ["attn"], "relation": ["loss"], "amd": ["direct", "generation"],
-               "feature": ["loss"]}[method]  # relation and feature have no pixel loss
+               "feature": ["loss"], "d2": ["attn"]}[method]  # relation and feature have no pixel loss
     for t in distill:
         assert last[f"train_{t}"] < 0.9 * first[f"train_{t}"], t
 
@@ -430,3 +436,139 @@ def test_amd_pixel_target_standardises_each_patch_per_channel_on_the_unnormalise
 def test_each_method_gets_its_papers_pixel_decoder(method, width, size):
     """AMD's ViT-S / ViT-B decoders are VideoMAE's (192 x 4 x 3, 384 x 4 x 6); MAE-Lite's is 96 x 1 x 3."""
     assert dp.decoder_size(method, width) == size
+
+
+# -- D²-MAE (--method d2): decoupled pixel and attention losses ---------------------------
+
+
+def d2_by_hand(model, teacher, imgs, noise):
+    """The D²-MAE loss from the pieces, block by block: pixel(decoder(norm(x_k))) + w * MSE of
+    the head-mixed logits of the attention-only block d+1 against the teacher's last block."""
+    s, extra, W = model.student, model.distill["extra_block"], model.distill["attn_loss"].mix.weight
+    x, mask, ids_restore = random_masking(s.embed(imgs), 0.75, noise)
+    x = torch.cat([(s.cls_token + s.pos_embed[:, :1]).expand(len(x), -1, -1), x], dim=1)
+    outs = []
+    for blk in s.blocks:
+        x = blk(x)[0]
+        outs.append(x)
+    latent = F.layer_norm(outs[0], (32,), s.norm.weight, s.norm.bias, eps=1e-6)  # block k = 1
+    pixel = s.forward_loss(imgs, s.forward_decoder(latent, ids_restore), mask)
+    h = F.layer_norm(outs[-1], (32,), extra.norm1.weight, extra.norm1.bias, eps=1e-6)
+    Wq, Wk = extra.qkv.weight[:32], extra.qkv.weight[32:64]
+    q = (h @ Wq.T + extra.qkv.bias[:32]).unflatten(-1, (2, 16)).transpose(1, 2)  # (B, 2 heads, n, 16)
+    k = (h @ Wk.T + extra.qkv.bias[32:64]).unflatten(-1, (2, 16)).transpose(1, 2)
+    logits = q @ k.transpose(-1, -2) / 16 ** 0.5
+    mixed = torch.stack([sum(W[j, i] * logits[:, i] for i in range(2)) for j in range(4)], dim=1)
+    ids_keep = torch.argsort(noise, dim=1)[:, :x.shape[1] - 1]
+    with torch.no_grad():
+        target = teacher.encode(gather_tokens(teacher.embed(imgs), ids_keep), attn=(3,),
+                                attn_logits=True).attn[3]  # the full teacher forward
+    return pixel, ((mixed - target) ** 2).mean()
+
+
+def test_d2_loss_is_pixel_from_block_k_plus_the_extra_blocks_mixed_logits_mse():
+    teacher = tiny_teacher()
+    model = tiny_distiller("d2", teacher).eval()
+    model.weight = 0.5
+    imgs, noise = torch.randn(B, 3, 32, 32), torch.rand(B, 16)
+    loss, terms = model(imgs, noise, teacher)
+    pixel, attn = d2_by_hand(model, teacher, imgs, noise)
+    assert terms["pixel"].item() == pytest.approx(pixel.item(), rel=1e-5)
+    assert terms["attn"].item() == pytest.approx(attn.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((pixel + 0.5 * attn).item(), rel=1e-5)
+
+
+def test_d2_pixel_loss_never_reaches_blocks_after_k_and_the_distillation_loss_does():
+    teacher = tiny_teacher()
+    model = tiny_distiller("d2", teacher).train()  # k = 1 of 2 blocks
+    imgs, noise = torch.randn(B, 3, 32, 32), torch.rand(B, 16)
+    pixel, attn = d2_by_hand(model, teacher, imgs, noise)  # independent of the module's forward
+    after_k = list(model.student.blocks[1].parameters())
+    up_to_k = list(model.student.blocks[0].parameters())
+    from_pixel = torch.autograd.grad(pixel, after_k + up_to_k, allow_unused=True, retain_graph=True)
+    from_attn = torch.autograd.grad(attn, after_k + up_to_k, allow_unused=True)
+    n = len(after_k)
+    assert all(g is None for g in from_pixel[:n])  # block 2 is not in the pixel loss's graph
+    assert all(g is not None and g.abs().sum() > 0 for g in from_pixel[n:])
+    assert all(g is not None and g.abs().sum() > 0 for g in from_attn)  # both blocks
+    # and the module's own loss agrees: its pixel term's gradient at block 2 is exactly zero
+    _, terms = model(imgs, noise, teacher)
+    grads = torch.autograd.grad(terms["pixel"], after_k, allow_unused=True)
+    assert all(g is None or torch.all(g == 0) for g in grads)
+
+
+def test_d2_extra_block_uses_only_norm1_and_the_q_k_thirds_of_qkv():
+    teacher = tiny_teacher()
+    model = tiny_distiller("d2", teacher).train()
+    loss, _ = run(model, teacher, torch.randn(B, 3, 32, 32))
+    loss.backward()
+    extra = model.distill["extra_block"]
+    assert {n for n, _ in extra.named_parameters()} == {"norm1.weight", "norm1.bias", "qkv.weight", "qkv.bias"}
+    assert torch.all(extra.qkv.weight.grad[64:] == 0) and extra.qkv.weight.grad[:64].abs().sum() > 0
+
+
+def test_a_d2_checkpoint_loads_as_a_plain_vit_with_every_key_accounted_for(runs, capsys):
+    ckpt = util.load_checkpoint(runs["d2"] / "checkpoint.pth")
+    assert ckpt["model_config"]["depth"] == 12 and ckpt["model_config"]["decode_layer"] == 8
+    backbone = VisionTransformer(img_size=16, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                                 num_classes=8, global_pool="token")
+    report = util.load_pretrained(backbone, ckpt, name="d2")
+    saved = {k.removeprefix("student."): v for k, v in ckpt["model"].items()}
+    assert sorted(report.loaded + report.unexpected) == sorted(saved)  # nothing dropped unreported
+    assert sorted(report.missing) == ["head.bias", "head.weight"]
+    assert sorted(k for k in report.unexpected if k.startswith("distill.")) == [
+        "distill.attn_loss.mix.weight", "distill.extra_block.norm1.bias", "distill.extra_block.norm1.weight",
+        "distill.extra_block.qkv.bias", "distill.extra_block.qkv.weight"]
+    assert all(k.startswith(("decoder_", "mask_token", "distill.")) for k in report.unexpected)
+    assert all(torch.equal(backbone.state_dict()[k], saved[k]) for k in report.loaded)
+    out = capsys.readouterr().out
+    assert "D²-MAE's attention-only block 13, used only during pre-training: not part of the 12-block" in out
+
+
+def test_the_official_d2_checkpoints_partial_block_13_is_read_as_the_extra_block(tmp_path, capsys):
+    """MAE-Lite's mae_tiny_distill_d2_400e.pth.tar: a 13-block MAE whose block 13 has only norm1
+    and attn.qkv, under module.model., next to the teacher (module.tch_model.) and the mixer."""
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    sd = {f"module.model.{k}": v for k, v in mae.state_dict().items()
+          if not k.startswith("blocks.2.") or k.startswith(("blocks.2.norm1.", "blocks.2.attn.qkv."))}
+    sd["module.attn_adapter.adapter11.weight"] = torch.zeros(4, 2, 1, 1)
+    sd["module.tch_model.patch_embed.proj.weight"] = torch.zeros(64, 3, 8, 8)
+    path = tmp_path / "mae_tiny_distill_d2_400e.pth.tar"
+    torch.save({"model": sd}, path)
+    cfg = util.infer_vit_config(path)
+    assert (cfg["depth"], cfg["decode_layer"]) == (2, 8)  # the official decode_idx
+    backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    report = util.load_pretrained(backbone, path)
+    assert {"distill.extra_block.qkv.weight", "distill.extra_block.norm1.bias"} <= set(report.unexpected)
+    assert torch.equal(backbone.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
+    assert "attention-only block 3" in capsys.readouterr().out
+
+
+def test_a_d2_student_reconstructs_from_its_decode_layer():
+    """What analyze.py draws: MaskedAutoencoderViT(decode_layer=k) runs blocks 1..k only."""
+    teacher = tiny_teacher()
+    model = tiny_distiller("d2", teacher).eval()
+    imgs, noise = torch.randn(B, 3, 32, 32), torch.rand(B, 16)
+    with torch.no_grad():
+        loss, _, _ = model.student(imgs, 0.75, noise)
+        _, terms = model(imgs, noise, teacher)
+    assert loss.item() == pytest.approx(terms["pixel"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "attn", "--decode_layer", "6"], "--decode_layer is for --method d2, not attn"),
+    (["--method", "d2", "--decode_layer", "13"], "--decode_layer must lie in [1, 12], got 13"),
+    (["--method", "d2", "--decode_layer", "0"], "--decode_layer must lie in [1, 12], got 0"),
+])
+def test_bad_decode_layers_are_refused_with_one_line(tmp_path, flags, message):
+    with pytest.raises(util.ConfigError, match=re.escape(message)):
+        dp.main(parse(dp, [*flags, "--teacher", tmp_path / "none.pth", *RUN]))
+
+
+def test_a_d2_run_refuses_to_resume_with_another_decode_layer(runs, teacher_ckpt, tmp_path):
+    shutil.copytree(runs["d2"], tmp_path / "run")
+    with pytest.raises(util.ConfigError, match="was trained with --decode_layer 8, this run has --decode_layer 6"):
+        dp.main(parse(dp, ["--method", "d2", "--teacher", teacher_ckpt, *RUN, "--epochs", "3",
+                           "--decode_layer", "6", "--output_dir", tmp_path / "run"]))

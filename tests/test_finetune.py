@@ -5,6 +5,7 @@ import colorsys
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +340,116 @@ def test_uniform_heads_resplits_a_relation_students_last_block_keeping_its_weigh
     assert (saved["model_config"]["num_heads"], saved["model_config"]["last_block_heads"]) == (3, None)
     qkv = saved["model"]["blocks.11.attn.qkv.weight"]
     assert torch.allclose(qkv, student.state_dict()["blocks.11.attn.qkv.weight"], atol=1e-6)
+
+
+# -- --train_subset and --eval_freq (the data-scale study) ------------------------------
+
+
+def test_train_subset_keeps_n_images_of_each_class_the_same_for_a_seed_and_nested():
+    """The built-in data (label = index % 8, 8 of each class in 64): labels are read back through
+    the dataset itself, as the loader sees them."""
+    ds, classes = util.build_dataset(parse("--synthetic_samples", "64"), train=True)
+    sub3, counts = finetune.class_balanced_subset(ds, 3, seed=0, classes=classes)
+    assert counts == [3] * 8 and len(sub3) == 24
+    labels = [ds[i][1] for i in sub3.indices]
+    assert sorted(labels) == sorted(list(range(8)) * 3)
+    again, _ = finetune.class_balanced_subset(ds, 3, seed=0, classes=classes)
+    other, _ = finetune.class_balanced_subset(ds, 3, seed=1, classes=classes)
+    sub2, _ = finetune.class_balanced_subset(ds, 2, seed=0, classes=classes)
+    assert again.indices == sub3.indices and other.indices != sub3.indices
+    assert set(sub2.indices) < set(sub3.indices)  # nested: a smaller N keeps a subset
+    quarter, counts = finetune.class_balanced_subset(ds, 0.25, seed=0, classes=classes)
+    assert counts == [2] * 8 and quarter.indices == sub2.indices  # the fraction of each class
+
+
+def test_train_subset_reads_an_image_folders_targets_and_refuses_more_than_a_class_has(tmp_path):
+    root = write_colour_folder(tmp_path / "colours", {"train": 3, "val": 1})
+    (root / "train" / "class5" / "0.png").unlink()  # class5 now has 2 images
+    ds, classes = util.build_dataset(parse("--data_path", root), train=True)
+    sub, counts = finetune.class_balanced_subset(ds, 2, seed=0, classes=classes)
+    assert counts == [2] * 8
+    assert sorted(Path(ds.samples[i][0]).parent.name for i in sub.indices) == sorted(classes * 2)
+    with pytest.raises(util.ConfigError, match="--train_subset 3: class 'class5' has only 2 training images"):
+        finetune.class_balanced_subset(ds, 3, seed=0, classes=classes)
+
+
+def test_a_subset_run_evaluates_every_eval_freq_epochs_and_the_last_and_logs_its_size(tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune.main(parse("--synthetic_samples", "32", "--train_subset", "1", "--eval_freq", "2", "--epochs", "3",
+                        "--warmup_epochs", "0", "--batch_size", "8", "--output_dir", out))
+    assert "--train_subset 1: 8 of the 32 training images, 1 per class, drawn with --seed 0" in capsys.readouterr().out
+    log = read_log(out)
+    assert [r["train_images"] for r in log] == [8, 8, 8]
+    assert ["test_acc1" in r for r in log] == [False, True, True]  # epoch 2 of 3, then the last
+    assert "best_acc1" not in log[0]
+    best = max(log[1]["test_acc1"], log[2]["test_acc1"])
+    assert log[2]["best_acc1"] == best
+    saved = torch.load(out / "checkpoint-best.pth", map_location="cpu", weights_only=True)
+    assert saved["acc1"] == best and saved["epoch"] == (1 if log[1]["test_acc1"] == best else 2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_subset", "2.5"], "--train_subset 2.5: a whole number of images per class"),
+    (["--train_subset", "0"], "--train_subset must be positive, got 0.0"),
+    (["--train_subset", "9"], "--train_subset 9: class 'disk' has only 8 training images"),
+    (["--eval_freq", "0"], "--eval_freq must be at least 1, got 0"),
+    (["--rel_pos_bias", "--linprobe", "--drop_path", "0"], "--rel_pos_bias with --linprobe"),
+])
+def test_bad_subset_eval_freq_and_rpe_flags_are_refused_with_one_line(tmp_path, flags, message):
+    with pytest.raises(util.ConfigError, match=re.escape(message)):
+        finetune.main(parse(*flags, "--output_dir", tmp_path / "run"))
+
+
+# -- --rel_pos_bias (MAE-Lite's "impr.+RPE") --------------------------------------------
+
+
+def test_rpe_tables_get_no_weight_decay_and_their_blocks_layer_decay():
+    model = create_vit("vit_tiny", img_size=32, patch_size=8, num_classes=8, rel_pos_bias=True)
+    groups = util.param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    for g in groups:
+        for name in g["names"]:
+            if name.endswith("relative_position_bias_table"):
+                block = int(name.split(".")[1])
+                assert g["weight_decay"] == 0.0
+                assert g["lr_scale"] == 0.5 ** (12 + 1 - (block + 1))  # MAE's rule at layer i + 1
+    assert sum(n.endswith("relative_position_bias_table") for g in groups for n in g["names"]) == 12
+
+
+@pytest.fixture(scope="module")
+def rpe_run(tmp_path_factory, mae_checkpoint):
+    out = tmp_path_factory.mktemp("rpe")
+    finetune.main(parse("--finetune", mae_checkpoint, "--rel_pos_bias", "--synthetic_samples", "32", "--epochs", "1",
+                        "--warmup_epochs", "0", "--batch_size", "16", "--aa", "none", "--mixup", "0",
+                        "--cutmix", "0", "--output_dir", out))
+    return out
+
+
+def test_an_mae_checkpoint_fine_tunes_with_fresh_zero_tables_that_then_train(rpe_run, capsys, mae_checkpoint):
+    args = parse("--finetune", mae_checkpoint, "--rel_pos_bias")
+    model = finetune.build_model(args, num_classes=8)
+    finetune.load_backbone(model, util.load_checkpoint(mae_checkpoint), "mae", args)
+    assert "the relative position bias tables of 12 blocks (zeros)" in capsys.readouterr().out
+    assert all(torch.all(b.attn.relative_position_bias_table == 0) for b in model.blocks)
+    trained = torch.load(rpe_run / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert trained["model_config"]["rel_pos_bias"] is True
+    assert all(trained["model"][f"blocks.{i}.attn.relative_position_bias_table"].abs().sum() > 0 for i in range(12))
+
+
+def test_an_rpe_classifier_evaluates_with_the_flag_and_is_refused_without_or_at_another_size(rpe_run, tmp_path):
+    best = rpe_run / "checkpoint-best.pth"
+    stats = finetune.main(parse("--eval", "--resume", best, "--rel_pos_bias", "--synthetic_samples", "32"))
+    assert stats["acc1"] == read_log(rpe_run)[-1]["test_acc1"]
+    with pytest.raises(util.CheckpointError, match="has relative position bias tables .*add --rel_pos_bias"):
+        finetune.main(parse("--eval", "--resume", best))
+    with pytest.raises(util.CheckpointError, match="tables are not interpolated, use the --input_size"):
+        finetune.main(parse("--eval", "--resume", best, "--rel_pos_bias", "--input_size", "48"))
+
+
+def test_a_subset_run_refuses_to_resume_with_another_seed(tmp_path):
+    """The seed drew the labelled images: another seed would continue on other images."""
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": {}, "args": {"seed": 0, "train_subset": 1.0}}, out / "checkpoint.pth")  # its flags
+    with pytest.raises(util.ConfigError, match="was trained with --seed 0, this run has --seed 1"):
+        finetune.main(parse("--synthetic_samples", "32", "--train_subset", "1", "--batch_size", "8",
+                            "--seed", "1", "--output_dir", out))

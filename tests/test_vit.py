@@ -210,3 +210,105 @@ def test_patch_embedding_bias_keeps_conv2ds_default_init_as_mae():
     assert bias.abs().max() <= fan_in ** -0.5 and bias.abs().min() > 0
     bound = math.sqrt(6 / (fan_in + 48))  # xavier-uniform of a (48, 192) matrix
     assert model.patch_embed.proj.weight.abs().max() <= bound
+
+
+# -- BEiT's relative position bias (--rel_pos_bias) -----------------------------------
+
+
+def reference_rel_pos_index(G):
+    """BEiT's index written out pair by pair: patch tokens 1 + row*G + col; offsets shifted to
+    start at 0, row offset times (2G - 1) plus column offset; then cls query (2G-1)^2, cls key
+    (2G-1)^2 + 1, cls-cls (2G-1)^2 + 2."""
+    n = (2 * G - 1) ** 2
+    out = torch.zeros(1 + G * G, 1 + G * G, dtype=torch.long)
+    for i in range(1 + G * G):
+        for j in range(1 + G * G):
+            if i == 0 and j == 0:
+                out[i, j] = n + 2
+            elif i == 0:
+                out[i, j] = n
+            elif j == 0:
+                out[i, j] = n + 1
+            else:
+                (ri, ci), (rj, cj) = divmod(i - 1, G), divmod(j - 1, G)
+                out[i, j] = (ri - rj + G - 1) * (2 * G - 1) + (ci - cj + G - 1)
+    return out
+
+
+@pytest.mark.parametrize("G", [1, 2, 3])
+def test_relative_position_index_matches_beits_pair_by_pair_construction(G):
+    assert torch.equal(vit.relative_position_index(G), reference_rel_pos_index(G))
+
+
+def test_rel_pos_bias_adds_a_zero_table_per_block_under_beits_names():
+    model = small_vit(rel_pos_bias=True)
+    sd = model.state_dict()
+    for i in range(3):  # one table per block, (2G-1)^2 + 3 = 52 rows for the 4x4 grid, one column per head
+        assert sd[f"blocks.{i}.attn.relative_position_bias_table"].shape == (52, 3)
+        assert torch.all(sd[f"blocks.{i}.attn.relative_position_bias_table"] == 0)
+        assert torch.equal(sd[f"blocks.{i}.attn.relative_position_index"], reference_rel_pos_index(4))
+    tables = [model.blocks[i].attn.relative_position_bias_table for i in range(3)]
+    assert len({t.data_ptr() for t in tables}) == 3  # not shared
+    assert model.pos_embed.requires_grad  # the absolute position embedding is kept
+    plain = {k for k in small_vit().state_dict()}
+    assert set(sd) - plain == {f"blocks.{i}.attn.relative_position_{n}" for i in range(3)
+                               for n in ("bias_table", "index")}
+
+
+def randomise_tables(model):
+    torch.manual_seed(5)
+    for blk in model.blocks:
+        torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=1.0)
+    return model
+
+
+def test_rel_pos_logits_equal_timms_beit_with_the_same_weights():
+    """timm's Beit (abs pos + a table per block, q_bias/v_bias, no k bias, no layer scale):
+    ours with a zero k bias computes the same classifier."""
+    timm = pytest.importorskip("timm")
+    ours = randomise_tables(small_vit(rel_pos_bias=True, global_pool="avg"))
+    torch.nn.init.normal_(ours.head.weight)
+    D = CFG["embed_dim"]
+    with torch.no_grad():
+        for blk in ours.blocks:
+            blk.attn.qkv.bias[D:2 * D] = 0  # Beit's k has no bias
+            torch.nn.init.normal_(blk.attn.qkv.bias[:D], std=0.5)
+    ref = timm.models.beit.Beit(**CFG, global_pool="avg", use_abs_pos_emb=True, use_rel_pos_bias=True,
+                                init_values=None).eval()
+    sd = {}
+    for k, v in ours.state_dict().items():
+        if k.endswith("relative_position_index"):
+            continue  # timm's buffer is not persistent
+        if k.endswith("attn.qkv.bias"):
+            sd[k.replace("qkv.bias", "q_bias")], sd[k.replace("qkv.bias", "v_bias")] = v[:D], v[2 * D:]
+        else:
+            sd[k] = v
+    ref.load_state_dict(sd, strict=True)
+    assert torch.equal(ref.blocks[1].attn.relative_position_index, ours.blocks[1].attn.relative_position_index)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max() < 1e-4
+        assert (ours(x) - small_vit(global_pool="avg").eval()(x)).abs().max() > 1e-2  # the tables matter
+
+
+def test_rel_pos_fused_and_explicit_paths_agree_and_the_tapped_logits_include_the_bias():
+    model = randomise_tables(small_vit(rel_pos_bias=True))
+    tokens = model.embed(torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        fused = model.encode(tokens, layers=(1,))
+        tapped = model.encode(tokens, layers=(1,), attn=(1, 2, 3), attn_logits=True)
+        blk = model.blocks[0]
+        q, k, v = blk.attn.qkv_heads(blk.norm1(torch.cat([model.cls_token + model.pos_embed[:, :1]
+                                                          .expand(2, -1, -1)[:, :1], tokens], 1)))
+        table, index = blk.attn.relative_position_bias_table, blk.attn.relative_position_index
+        bias = torch.stack([table[index, h] for h in range(3)])  # (h, N, N), read entry by entry
+        by_hand = q @ k.transpose(-1, -2) / (CFG["embed_dim"] // 3) ** 0.5 + bias
+    assert torch.allclose(tapped.attn[1], by_hand, atol=1e-5)
+    assert torch.allclose(tapped.layers[1], fused.layers[1], atol=1e-5)
+    assert torch.allclose(tapped.x, fused.x, atol=1e-5)
+
+
+def test_rel_pos_refuses_a_masked_token_subset():
+    model = small_vit(rel_pos_bias=True)
+    with pytest.raises(ValueError, match="defined on all 17 tokens of the grid, got 5"):
+        model.encode(model.embed(torch.randn(1, 3, 32, 32))[:, :4])
