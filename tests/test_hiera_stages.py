@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import distill_pretrain as dp
+import finetune
 import util
 from conftest import error_line, run_script
 from hiera import Hiera, create_hiera
@@ -25,6 +26,19 @@ TEACHER = dict(embed_dim=32, num_heads=1, stages=(1, 1, 2, 2), decoder_embed_dim
                decoder_num_heads=2)
 
 
+SMALL_STUDENT = dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 2))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on the busy 2-core machine two threads fight the other processes
+    (the distillation run below takes 3 s with one, 25-50 s with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def save(path, obj):
     torch.save(obj, path)
     return path
@@ -37,6 +51,15 @@ def official_teacher(tmp_path_factory):
     mae = MaskedAutoencoderHiera(img_size=IMG, **TEACHER).eval()
     path = tmp_path_factory.mktemp("teacher") / "mae_hiera_base_224.pth"
     return save(path, {"model_state": mae.state_dict()}), mae
+
+
+def small_distiller(teacher, mask_ratio=0.5, weight=0.7):
+    """A 16-wide MAE-Hiera student (its last block: 8 heads) in HieraAttentionDistiller, distilling
+    the teacher's last block: build_model's wiring at a fraction of mae_hiera_tiny's cost."""
+    torch.manual_seed(0)
+    student = MaskedAutoencoderHiera(img_size=IMG, **SMALL_STUDENT, decoder_embed_dim=32, decoder_depth=1,
+                                     decoder_num_heads=2)
+    return dp.HieraAttentionDistiller(student, teacher.blocks[-1].attn.num_heads, teacher.depth, mask_ratio, weight)
 
 
 def distill_args(*flags):
@@ -148,21 +171,15 @@ def test_the_mixer_maps_the_students_8_last_block_heads_to_the_teachers_8():
 
 def test_the_loss_is_pixel_plus_mse_of_mixed_student_logits_to_the_teachers_on_the_same_units(official_teacher):
     path, mae_teacher = official_teacher
-    args = distill_args("--teacher", path, "--mask_ratio", 0.5, "--decoder_embed_dim", 32,
-                        "--decoder_num_heads", 2, "--distill_weight", 0.7)
-    dp.check_args(args)
-    teacher = dp.build_teacher(args, 32, torch.device("cpu"))
-    dp.resolve_layers(args, 12, teacher)
-    torch.manual_seed(0)
-    model = dp.build_model(args, teacher).eval()
+    teacher = dp.build_teacher(distill_args("--teacher", path), 32, torch.device("cpu"))
+    model = small_distiller(teacher, mask_ratio=0.5, weight=0.7).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.distill.mix.weight)
         loss, terms = model(IMGS, NOISE, teacher)
         keep = random_unit_mask(2, 4, 0.5, NOISE)
         pixel = model.student(IMGS, 0.5, NOISE)[0]  # the MAE-Hiera's own loss at this mask
-    student_cfg = dict(embed_dim=46, num_heads=1, stages=(1, 2, 7, 2))
-    a_s = timm_last_block_logits(model.student, IMGS, keep, student_cfg)  # (2, 8, 8, 8): 2 units x 4
-    a_t = timm_last_block_logits(mae_teacher, IMGS, keep, {k: TEACHER[k] for k in student_cfg})
+    a_s = timm_last_block_logits(model.student, IMGS, keep, SMALL_STUDENT)  # (2, 8, 8, 8): 2 units x 4
+    a_t = timm_last_block_logits(mae_teacher, IMGS, keep, {k: TEACHER[k] for k in SMALL_STUDENT})
     W = model.distill.mix.weight  # (8 teacher heads, 8 student heads)
     mixed = torch.stack([sum(W[t, h] * a_s[:, h] for h in range(8)) for t in range(8)], dim=1)
     attn = ((mixed - a_t) ** 2).mean()
@@ -174,11 +191,8 @@ def test_the_loss_is_pixel_plus_mse_of_mixed_student_logits_to_the_teachers_on_t
 
 def test_one_student_pass_feeds_decoder_and_distillation_and_the_teacher_stops_at_its_block(official_teacher):
     path, _ = official_teacher
-    args = distill_args("--teacher", path)
-    dp.check_args(args)
-    teacher = dp.build_teacher(args, 32, torch.device("cpu"))
-    dp.resolve_layers(args, 12, teacher)
-    model = dp.build_model(args, teacher)
+    teacher = dp.build_teacher(distill_args("--teacher", path), 32, torch.device("cpu"))
+    model = small_distiller(teacher)
     calls = []
     for name, m in (("student", model.student), ("teacher", teacher)):
         real = m.encode
@@ -222,3 +236,87 @@ def test_the_distilled_checkpoint_loads_as_a_plain_hiera_backbone_and_as_a_teach
     assert (teacher.depth, teacher.config["embed_dim"],
             teacher.blocks[-1].attn.num_heads) == (12, 46, 8)
     assert "distill.mix.weight" in capsys.readouterr().out  # reported, not silently dropped
+
+
+# -- fine-tuning -------------------------------------------------------------------------------
+
+
+def ft_args(*flags):
+    return finetune.get_args_parser().parse_args(["--model", "hiera_lite_tiny", *DATA, *map(str, flags)])
+
+
+def test_layer_decay_puts_hieras_embeddings_at_0_block_i_at_i_plus_1_and_norm_and_head_at_the_top():
+    with torch.device("meta"):
+        model = create_hiera("hiera_lite_tiny", num_classes=8)
+
+    def layer(name):  # the rule written out for 12 blocks: norm and head are layer 13
+        if name in ("pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        assert name.startswith(("norm.", "head.projection.")), name
+        return 13
+
+    groups = util.param_groups(model, 0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale.keys() == {n for n, _ in model.named_parameters()}
+    assert all(s == 0.5 ** (13 - layer(n)) for n, s in scale.items())
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    assert {"blocks.3.proj.weight", "head.projection.weight"} <= decayed
+    assert not decayed & {"pos_embed", "norm.weight", "blocks.3.proj.bias"}
+
+
+def test_a_hiera_classifier_pools_three_times_with_drop_path_rising_to_the_flag_and_a_small_head():
+    args = ft_args("--drop_path", 0.2)
+    finetune.check_args(args)
+    torch.manual_seed(0)
+    model = finetune.build_model(args, 8)
+    assert isinstance(model, Hiera) and model.q_pool == 3 and model.head.projection.out_features == 8
+    assert [b.drop_path.p for b in model.blocks] == pytest.approx(torch.linspace(0, 0.2, 12).tolist())
+    assert model.head.projection.weight.std().item() == pytest.approx(2e-5, rel=0.1)
+    assert torch.all(model.head.projection.bias == 0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--patch_size", "16"], "--patch_size is for a ViT; --model hiera_lite_tiny is a Hiera"),
+    (["--cls_token"], "--cls_token is for a ViT"),
+    (["--linprobe"], "--linprobe is for a ViT"),
+    (["--uniform_heads"], "--uniform_heads is for a ViT"),
+    (["--input_size", "80"], "--input_size 80: a Hiera needs a multiple of 32"),
+])
+def test_vit_only_fine_tuning_flags_and_partial_mask_units_are_refused_for_a_hiera(flags, message):
+    with pytest.raises(util.ConfigError, match=message):
+        finetune.check_args(ft_args(*flags))
+
+
+def test_evaluating_an_mae_hiera_file_says_it_has_no_head(official_teacher):
+    with pytest.raises(util.CheckpointError, match="mae_hiera_base_224.pth: has no classification head"):
+        finetune.main(ft_args("--eval", "--resume", official_teacher[0], "--synthetic_samples", 16))
+
+
+@pytest.fixture(scope="module")
+def finetuned(distilled, tmp_path_factory):
+    """hiera_lite_tiny fine-tuned for one epoch from the distilled checkpoint."""
+    out = tmp_path_factory.mktemp("finetune")
+    finetune.main(ft_args("--finetune", distilled / "checkpoint.pth", "--synthetic_samples", 32, "--batch_size", 16,
+                          "--epochs", 1, "--warmup_epochs", 0, "--aa", "none", "--mixup", 0, "--cutmix", 0,
+                          "--reprob", 0, "--output_dir", out))
+    return out
+
+
+def test_eval_of_a_fine_tuned_hiera_counts_what_its_logits_say(finetuned):
+    stats = finetune.main(ft_args("--eval", "--resume", finetuned / "checkpoint-best.pth", "--synthetic_samples", 32))
+    ckpt = torch.load(finetuned / "checkpoint-best.pth", map_location="cpu", weights_only=True)
+    assert ckpt["model_config"]["q_pool"] == 3 and "head.projection.weight" in ckpt["model"]
+    model = create_hiera("hiera_lite_tiny", img_size=IMG, num_classes=8).eval()
+    model.load_state_dict(ckpt["model"], strict=True)
+    args = ft_args("--synthetic_samples", 32)
+    val, _ = util.build_dataset(args, train=False, transform=util.eval_transform(IMG))
+    imgs = util.normalize(torch.stack([val[i][0] for i in range(len(val))]))
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        logits = model(imgs)
+    assert (stats["images"], stats["correct1"]) == (8, int((logits.argmax(-1) == labels).sum()))
+    assert stats["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    log = json.loads((finetuned / "log.txt").read_text().splitlines()[-1])
+    assert log["test_acc1"] == pytest.approx(stats["acc1"])
