@@ -1,18 +1,21 @@
 """Hiera through the stages: MAE-Lite's attention distillation with a Hiera student and
 teacher (distill_pretrain.py), fine-tuning and evaluating a Hiera (finetune.py), and the
 layer analysis of Hiera checkpoints (analyze.py). 64 px images: 2x2 mask units."""
-import argparse
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
+import analyze
 import distill_pretrain as dp
 import finetune
 import util
 from conftest import error_line, run_script
-from hiera import Hiera, create_hiera
+from hiera import Hiera, create_hiera, reroll
 from mae_pretrain import MaskedAutoencoderHiera, random_unit_mask
 from vit import VisionTransformer
 
@@ -320,3 +323,76 @@ def test_eval_of_a_fine_tuned_hiera_counts_what_its_logits_say(finetuned):
     assert stats["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     log = json.loads((finetuned / "log.txt").read_text().splitlines()[-1])
     assert log["test_acc1"] == pytest.approx(stats["acc1"])
+
+
+# -- analysis ------------------------------------------------------------------------------------
+
+
+def test_token_centres_reroll_to_the_raster_grid_of_each_blocks_resolution():
+    model = Hiera(img_size=IMG, num_classes=0, q_pool=2, **SMALL_STUDENT)
+    before = [0, *model.pooled]
+    for k, (queries, keys) in enumerate(analyze.hiera_token_centres(model), start=1):
+        for centres, pooled in ((keys, before[k - 1]), (queries, before[k])):
+            tokens = rearrange(centres, "w t c -> 1 (t w) c")  # the block's token order
+            grid = reroll(tokens, pooled, mask_grid=2)[0]  # (H, W, 2) raster, by hiera.reroll
+            size = 4 * 2 ** pooled  # px per token at this resolution
+            n = IMG // size
+            rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            want = torch.stack([rows, cols], -1).double() * size + size / 2
+            assert torch.equal(grid, want), (k, pooled)
+
+
+def test_uniform_attention_statistics_per_block_match_the_grid_references():
+    model = Hiera(img_size=IMG, num_classes=0, q_pool=2, **SMALL_STUDENT)
+    stats = analyze.HieraAttentionStats(model)
+    shapes = [(q.shape[0], q.shape[1], k.shape[1]) for q, k in analyze.hiera_token_centres(model)]
+    stats.update([torch.full((3, 2, w, tq, tk), 1.0 / tk) for w, tq, tk in shapes])
+    distance, entropy = stats.compute()
+    # block 1: within each 32-px unit, 8x8 tokens of 4 px; block 6 (global, 2 poolings): 4x4 of 16 px
+    assert distance[0] == pytest.approx([analyze.patch_distances(8, 4).mean().item()] * 2)
+    assert entropy[0] == pytest.approx([math.log(64)] * 2)
+    assert distance[5] == pytest.approx([analyze.patch_distances(4, 16).mean().item()] * 2)
+    assert entropy[5] == pytest.approx([math.log(16)] * 2)
+    assert [d for d, _ in stats.uniform] == pytest.approx([sum(h) / 2 for h in distance])
+
+
+def test_linear_cka_does_not_depend_on_the_token_order():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 16, 5, generator=g), torch.randn(12, 80, generator=g)  # 12 images, 16 tokens
+    shuffled = x[:, torch.randperm(16, generator=g)]  # every image's tokens in one other order
+    flat = lambda t: t.flatten(1)
+    assert analyze.linear_cka(flat(shuffled), y, debiased=True).item() == \
+        pytest.approx(analyze.linear_cka(flat(x), y, debiased=True).item(), rel=1e-9)
+
+
+def analyze_args(*flags):
+    return analyze.get_args_parser().parse_args([*map(str, flags), *DATA, "--synthetic_samples", "64",
+                                                 "--num_images", "8", "--batch_size", "8"])
+
+
+def test_analysis_of_hiera_checkpoints_and_a_vit_writes_cka_attention_and_reconstructions(
+        distilled, official_teacher, tmp_path):
+    vit = VisionTransformer(img_size=IMG, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    vit_path = save(tmp_path / "vit.pth", {"model": vit.state_dict()})
+    out = tmp_path / "analysis"
+    analyze.main(analyze_args(distilled / "checkpoint.pth", official_teacher[0], vit_path,
+                              "--names", "student", "teacher", "vit", "--output_dir", out))
+    self_cka = torch.from_numpy(np.load(out / "cka_student_vs_student.npy"))
+    assert self_cka.shape == (13, 13) and torch.allclose(self_cka.diagonal(), torch.ones(13, dtype=torch.float64))
+    assert np.load(out / "cka_teacher_vs_vit.npy").shape == (7, 3)
+    report = json.loads((out / "attention.json").read_text())["models"]
+    assert report["student"]["num_heads"] == [1, 2, 2, 4, 4, 4, 4, 4, 4, 4, 8, 8]
+    assert report["student"]["uniform_entropy_nats"][0] == pytest.approx(math.log(64))
+    assert all(0 <= e <= u + 1e-9 for e, u in zip(report["student"]["mean_entropy_nats"],
+                                                  report["student"]["uniform_entropy_nats"]))
+    assert (out / "reconstructions_student.png").exists() and (out / "reconstructions_teacher.png").exists()
+    assert not (out / "reconstructions_vit.png").exists()
+
+
+def test_a_vit_preset_or_reconstructions_for_a_hiera_without_decoder_are_refused(tmp_path):
+    clf = create_hiera("hiera_lite_tiny", img_size=IMG, num_classes=8)
+    path = save(tmp_path / "hiera_clf.pth", {"model_state": clf.state_dict()})
+    with pytest.raises(util.ConfigError, match="--model names a ViT preset; .*hiera_clf.pth is a Hiera"):
+        analyze.main(analyze_args(path, "--model", "vit_tiny", "--output_dir", tmp_path / "a"))
+    with pytest.raises(util.CheckpointError, match="hiera_clf.pth: has no MAE-Hiera decoder"):
+        analyze.main(analyze_args(path, "--reconstruct", "--output_dir", tmp_path / "b"))
