@@ -45,6 +45,10 @@ Commands (the built-in synthetic data is used when --data_path is not given):
     python analyze.py runs/mae_tiny/checkpoint.pth runs/dmae_tiny/checkpoint.pth \\
         mae_pretrain_vit_base.pth --names MAE-Tiny D-MAE-Tiny MAE-Base \\
         --data_path /data/imagenet --output_dir runs/analysis
+    # Hiera checkpoints (MAE-Hiera, distilled), here next to a ViT at 224 px (README: Hiera)
+    python analyze.py mae_hiera_base_224.pth runs/dmae_hiera_tiny/checkpoint.pth \\
+        mae_pretrain_vit_base.pth --names MAE-Hiera-Base D-MAE-Hiera-Tiny MAE-Base \\
+        --data_path /data/imagenet --output_dir runs/analysis_hiera
     # reconstructions from the official visualization model (it has the decoder)
     python analyze.py mae_visualize_vit_large.pth --data_path /data/imagenet --output_dir runs/vis
 
@@ -404,7 +408,7 @@ def build_hiera(path, obj, args, model_name, heads):
                   mlp_ratio=cfg["mlp_ratio"])
     model.norm = nn.Identity()  # 'out' is normalised without the checkpoint's affine parameters
     how = "from the width: pass --num_heads if it differs" if cfg["heads_inferred"] else "given or recorded"
-    print0(f"{path}: Hiera {cfg['embed_dim']} wide, stages {cfg['stages']}, {cfg['num_heads']} heads in "
+    print0(f"{path}: Hiera {cfg['embed_dim']} wide, stages {cfg['stages']}, heads {cfg['num_heads']} in "
            f"stage 1 ({how}), q_pool {cfg['q_pool']}, trained at {cfg['img_size']} px")
     util.load_pretrained(model, obj, allow_missing=(), name=str(path))
     return model.eval(), cfg

@@ -55,7 +55,7 @@ Commands (the built-in synthetic data is used when neither --data_path nor --dat
     torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_base \\
         --finetune mae_pretrain_vit_base.pth --data_path /data/imagenet --batch_size 512 --accum_iter 4
     # MAE-Lite's Hiera-Tiny (46 wide) from its MAE or distilled checkpoint, as MAE-Lite's ViT-Tiny
-    torchrun --nproc_per_node=8 finetune.py --model hiera_lite_tiny --finetune runs/dmae_hiera/checkpoint.pth \\
+    torchrun --nproc_per_node=8 finetune.py --model hiera_lite_tiny --finetune runs/dmae_hiera_tiny/checkpoint.pth \\
         --data_path /data/imagenet --batch_size 128 --epochs 300 --blr 1e-3 --layer_decay 0.85 \\
         --drop_path 0 --aa rand-m10-mstd0.5-inc1 --mixup 0.2 --cutmix 0 --smoothing 0 --reprob 0
     # check an official fine-tuned checkpoint; MAE's FINETUNE.md: Acc@1 83.664 Acc@5 96.530 loss 0.731

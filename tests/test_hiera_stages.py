@@ -27,9 +27,7 @@ NOISE = torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.7, 0.3, 0.6, 0.4]])  # keeps unit
 # MAE-Hiera-Base's and the student's (HIERA.md section 5).
 TEACHER = dict(embed_dim=32, num_heads=1, stages=(1, 1, 2, 2), decoder_embed_dim=32, decoder_depth=1,
                decoder_num_heads=2)
-
-
-SMALL_STUDENT = dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 2))
+SMALL_STUDENT = dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 2))  # also 8 heads in its last block
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,10 +115,10 @@ def test_a_hiera_student_with_a_vit_teacher_and_the_reverse_are_refused_in_one_l
     assert error_line(proc).endswith("vit.pth: --teacher is a ViT checkpoint and --model mae_hiera_tiny "
                                      "a Hiera: both must be ViTs or both Hieras (a Hiera pair only "
                                      "with --method attn)")
+    args = dp.get_args_parser().parse_args(["--method", "attn", "--teacher", str(official_teacher[0]),
+                                            *DATA, "--patch_size", "16"])
+    dp.check_args(args)
     with pytest.raises(util.CheckpointError, match="--teacher is a Hiera checkpoint and --model vit_tiny a ViT"):
-        args = dp.get_args_parser().parse_args(["--method", "attn", "--teacher", str(official_teacher[0]),
-                                                *DATA, "--patch_size", "16"])
-        dp.check_args(args)
         dp.build_teacher(args, 16, torch.device("cpu"))
 
 
