@@ -122,6 +122,13 @@ def test_a_hiera_student_with_a_vit_teacher_and_the_reverse_are_refused_in_one_l
         dp.build_teacher(args, 16, torch.device("cpu"))
 
 
+def test_a_partial_hiera_teacher_file_is_refused_naming_the_missing_tensor(official_teacher, tmp_path):
+    sd = {k: v for k, v in official_teacher[1].state_dict().items() if k != "blocks.4.mlp.fc2.weight"}
+    path = save(tmp_path / "partial.pth", {"model_state": sd})
+    with pytest.raises(util.CheckpointError, match="partial.pth: has no blocks.4.mlp.fc2.weight"):
+        dp.build_teacher(distill_args("--teacher", path), 32, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--method", "relation"], "--method relation takes a ViT student (--model vit_*) and teacher; a Hiera "
                                "(--model mae_hiera_tiny) is distilled with --method attn only"),
