@@ -45,6 +45,10 @@ Commands (the built-in synthetic data is used when --data_path is not given):
     python analyze.py runs/mae_tiny/checkpoint.pth runs/dmae_tiny/checkpoint.pth \\
         mae_pretrain_vit_base.pth --names MAE-Tiny D-MAE-Tiny MAE-Base \\
         --data_path /data/imagenet --output_dir runs/analysis
+    # Hiera checkpoints (MAE-Hiera, distilled), here next to a ViT at 224 px (README: Hiera)
+    python analyze.py mae_hiera_base_224.pth runs/dmae_hiera_tiny/checkpoint.pth \\
+        mae_pretrain_vit_base.pth --names MAE-Hiera-Base D-MAE-Hiera-Tiny MAE-Base \\
+        --data_path /data/imagenet --output_dir runs/analysis_hiera
     # reconstructions from the official visualization model (it has the decoder)
     python analyze.py mae_visualize_vit_large.pth --data_path /data/imagenet --output_dir runs/vis
 
@@ -82,6 +86,29 @@ Choices and deviations:
 - norm_pix_loss for reconstructions: the value recorded in the checkpoint, else the flag,
   else off for mae_visualize_* (the MAE demo: "trained with pixels as targets for
   visualization") and on otherwise (the paper's recipe, PRETRAIN.md).
+
+Hiera checkpoints (hiera.py: official MAE-Hiera or classifier files, timm's, this project's
+MAE-Hiera, distilled and fine-tuned ones) are analysed alongside ViTs, as the encoder they
+were trained as (q_pool 2 for an MAE-Hiera or a distilled student, a classifier's 3), on the
+full image (no mask), at an --input_size that is a multiple of 32:
+- Features: each block's norm1 output, flattened over tokens and channels, plus 'out': the
+  last block's output through a LayerNorm WITHOUT affine parameters (an MAE-Hiera has no
+  token-wise final norm: its encoder_norm comes after the fusion, a classifier's norm after
+  the pooling). The tokens are in Hiera's unrolled order, not raster: linear CKA does not
+  depend on it, as a fixed permutation of the feature columns leaves every Gram matrix X X^T
+  unchanged. Blocks of a Hiera and of a ViT compare like any two layers (features per image).
+- Attention, defined per block over what that block attends to: within each mask unit (its
+  window) for the mask-unit blocks, over all tokens for the global ones. Each token sits at the
+  pixel centre of its area (4, 8, 16 or 32 px wide as the map is pooled); a pooled query at
+  the centre of its 2x2 block, its keys at the previous resolution. For probabilities p_qk
+  over the keys of the query's window:
+      distance = sum_k p_qk ||c_q - c_k||  (px),   entropy = -sum_k p_qk log p_qk  (nats)
+  averaged over queries, windows and images. Uniform attention differs from block to block
+  (its entropy is ln of the keys per window: ln 64 = 4.16 in stage 1's units, ln 196 = 5.28 in
+  a 224-px global block at q_pool 3); attention.json records it per block and attention.png
+  draws it as a dotted line. A mask-unit block's distance is bounded by its 32-px unit.
+- Reconstructions from a checkpoint with its MAE-Hiera decoder (mae_pretrain.reconstruct), at
+  --mask_ratio, else the ratio the checkpoint records, else the official Hiera's 0.6.
 """
 import argparse
 import json
@@ -91,11 +118,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, reduce
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import util
+from hiera import PATCH_STRIDE, Hiera, infer_hiera_config, unroll
 from util import print0
 from vit import VIT_PRESETS, VisionTransformer
 
@@ -131,7 +161,8 @@ def get_args_parser():
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
                    help="whether the decoder predicts per-patch normalized pixels, when the "
                         "checkpoint does not record it (see the module docstring)")
-    g.add_argument("--mask_ratio", type=float, default=0.75)
+    g.add_argument("--mask_ratio", type=float, default=None,
+                   help="default: 0.75 for a ViT; a Hiera's recorded ratio, else 0.6")
     util.add_data_args(p)
     return p
 
@@ -282,11 +313,128 @@ def layer_features(model, imgs):
     """-> (features, attention): depth + 1 tensors (B, P*D), each block's norm1 output and
     the final normalized output with the cls token removed and the patch tokens flattened;
     and depth tensors (B, heads, P, P) of patch-only attention probabilities."""
+    if isinstance(model, Hiera):
+        return hiera_layer_features(model, imgs)
     layers = range(1, model.depth + 1)
     taps = model.encode(model.embed(imgs), norm1=layers, attn=layers)
     tokens = [taps.norm1[k] for k in layers] + [taps.x]  # each (B, 1+P, D)
     features = [rearrange(t[:, 1:], "b p d -> b (p d)") for t in tokens]
     return features, [patch_attention(taps.attn[k]) for k in layers]
+
+
+# ----------------------------------------------------------------------------
+# Hiera: features, attention over each block's windows, the encoder of a checkpoint
+
+
+@torch.no_grad()
+def hiera_layer_features(model, imgs):
+    """A Hiera's (features, attention), as layer_features: depth + 1 tensors (B, n*C), each
+    block's norm1 output and the last block's output LayerNorm'd without affine parameters,
+    tokens in the unrolled order (CKA does not see the order); and per block the attention
+    probabilities (B, heads, windows, Tq, Tk), one window for a global block."""
+    layers = range(1, model.depth + 1)
+    taps = model.encode(model.embed(imgs), norm1=layers, attn=layers)
+    out = F.layer_norm(taps.x, taps.x.shape[-1:], eps=1e-6)  # (B, n, C_last)
+    features = [rearrange(t, "b n c -> b (n c)") for t in [*(taps.norm1[k] for k in layers), out]]
+    attns = [a if a.ndim == 5 else a[:, :, None] for a in (taps.attn[k] for k in layers)]
+    return features, attns
+
+
+def hiera_token_centres(model):
+    """Per block, the pixel centres (y, x) of its queries (windows, Tq, 2) and keys (windows,
+    Tk, 2), laid out as its attention is. Each token's centre goes through the model's own
+    reordering: unroll, then at every q-pooling the mean of the 4 tokens the max pools (the
+    centre of the 2x2 block); keys are a block's input tokens, queries its pooled ones."""
+    n, s = model.token_grid, PATCH_STRIDE
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    pos = torch.stack([rows, cols], -1).double() * s + s / 2  # (n, n, 2) px
+    pos = unroll(rearrange(pos, "h w c -> 1 (h w) c"), model.mask_grid)[0]  # (N, 2), unrolled order
+    centres = []
+    for blk in model.blocks:
+        a = blk.attn
+        windows = pos.shape[0] // (a.q_stride * a.window_size) if a.use_mask_unit_attn else 1
+        keys = rearrange(pos, "(t w) c -> w t c", w=windows)
+        queries = reduce(keys, "w (s t) c -> w t c", "mean", s=a.q_stride)
+        centres.append((queries, keys))
+        pos = rearrange(queries, "w t c -> (t w) c")  # the block's output order
+    return centres
+
+
+class HieraAttentionStats(AttentionStats):
+    """AttentionStats for a Hiera: distance between pixel centres within the window each block
+    attends over (the module docstring); `uniform` holds uniform attention's (distance px,
+    entropy nats) per block."""
+
+    def __init__(self, model):
+        super().__init__(model.depth, grid_size=None, patch_size=None)
+        self.distances = [torch.cdist(q, k) for q, k in hiera_token_centres(model)]  # (windows, Tq, Tk)
+        self.uniform = [(d.mean().item(), math.log(d.shape[-1])) for d in self.distances]
+
+    def update(self, attns):
+        """attns: per block (B, heads, windows, Tq, Tk) probabilities."""
+        for k, (a, d) in enumerate(zip(attns, self.distances)):
+            a = a.double()
+            B, _, W, Q, _ = a.shape
+            dist = torch.einsum("bhwqk,wqk->h", a, d.to(a.device)) / (B * W * Q)
+            ent = -torch.special.xlogy(a, a).sum(-1).mean((0, 2, 3))
+            self.distance[k] = self.distance[k] + dist.cpu() * B  # sums over images
+            self.entropy[k] = self.entropy[k] + ent.cpu() * B
+        self.images += len(attns[0])
+
+
+NO_HIERA_DECODER = ("{path}: has no MAE-Hiera decoder, so it cannot reconstruct images: use the "
+                    "official mae_hiera_*_224 file or a mae_pretrain.py --model mae_hiera_* checkpoint")
+
+
+def build_hiera(path, obj, args, model_name, heads):
+    """The encoder of Hiera checkpoint `path` (architecture from its weights), loaded and
+    checked: q_pool as it was trained (2 for an MAE-Hiera or a distilled student, else the
+    recorded one or a classifier's 3); no norm and no head (a classifier's are reported unused)."""
+    if model_name:
+        raise util.ConfigError(f"--model names a ViT preset; {path} is a Hiera checkpoint (its "
+                               f"architecture is read from the weights): give 0 or leave it out")
+    if args.patch_size:
+        raise util.ConfigError(f"--patch_size is for ViTs; {path} is a Hiera (4-px tokens, 32-px mask units)")
+    cfg = dict(infer_hiera_config(obj, name=path), family="Hiera")
+    if heads:
+        cfg.update(num_heads=heads, heads_inferred=False)
+    if args.reconstruct and "decoder_embed_dim" not in cfg:
+        raise util.CheckpointError(NO_HIERA_DECODER.format(path=path))
+    if args.input_size is None:
+        args.input_size = cfg["img_size"]
+        print0(f"--input_size {args.input_size} (the first checkpoint's)")
+    model = Hiera(img_size=args.input_size, in_chans=cfg["in_chans"], embed_dim=cfg["embed_dim"],
+                  num_heads=cfg["num_heads"], stages=cfg["stages"], q_pool=cfg["q_pool"], num_classes=0,
+                  mlp_ratio=cfg["mlp_ratio"])
+    model.norm = nn.Identity()  # 'out' is normalised without the checkpoint's affine parameters
+    how = "from the width: pass --num_heads if it differs" if cfg["heads_inferred"] else "given or recorded"
+    print0(f"{path}: Hiera {cfg['embed_dim']} wide, stages {cfg['stages']}, heads {cfg['num_heads']} in "
+           f"stage 1 ({how}), q_pool {cfg['q_pool']}, trained at {cfg['img_size']} px")
+    util.load_pretrained(model, obj, allow_missing=(), name=str(path))
+    return model.eval(), cfg
+
+
+def save_hiera_reconstructions(path, name, cfg, args, out, device):
+    """Reconstructions of an MAE-Hiera checkpoint (its decoder), one mask decision per unit."""
+    from mae_pretrain import MaskedAutoencoderHiera, figure_images, reconstruct, save_reconstruction_figure
+    obj = util.load_checkpoint(path)
+    norm_pix, why = norm_pix_setting(path, obj, args.norm_pix_loss)
+    run = obj.get("args") if isinstance(obj, dict) and isinstance(obj.get("args"), dict) else {}
+    ratio = next(r for r in (args.mask_ratio, run.get("mask_ratio"), 0.6) if r is not None)
+    mae = MaskedAutoencoderHiera(
+        img_size=args.input_size, in_chans=cfg["in_chans"], embed_dim=cfg["embed_dim"],
+        num_heads=cfg["num_heads"], stages=cfg["stages"], q_pool=cfg["q_pool"], mlp_ratio=cfg["mlp_ratio"],
+        decoder_embed_dim=cfg["decoder_embed_dim"], decoder_depth=cfg["decoder_depth"],
+        decoder_num_heads=cfg["decoder_num_heads"], norm_pix_loss=norm_pix)
+    print0(f"{path}: decoder {cfg['decoder_embed_dim']} wide, {cfg['decoder_depth']} blocks, "
+           f"{cfg['decoder_num_heads']} heads; norm_pix_loss={norm_pix} ({why}); mask ratio {ratio}")
+    util.load_pretrained(mae, obj, allow_missing=(), name=str(path), verbose=False)
+    mae = mae.to(device).eval()
+    imgs = figure_images(args).to(device)
+    noise = torch.rand(imgs.shape[0], mae.num_mask_units, generator=torch.Generator().manual_seed(args.seed))
+    parts = reconstruct(mae, imgs, ratio, noise.to(device))
+    save_reconstruction_figure(out, imgs, *parts, title=f"{name}: {ratio:g} of the 32-px mask units removed")
+    print0(f"saved {out}")
 
 
 # ----------------------------------------------------------------------------
@@ -419,6 +567,9 @@ def plot_attention(path, stats, names, uniform=None):
             for layer, heads in zip(layers, values):
                 ax.scatter(np.full(len(heads), layer + shift), heads, s=9, color=colour, alpha=0.45, lw=0)
             ax.plot(layers + shift, [np.mean(h) for h in values], "-o", ms=3, color=colour, label=name)
+            if f"uniform_{key}" in stats[name]:  # a Hiera: uniform attention over each block's window
+                ax.plot(layers + shift, stats[name][f"uniform_{key}"], ":", lw=1, color=colour,
+                        label=f"{name}, uniform" if key == keys[0][0] else None)
     for ax, (key, label) in zip(axes, keys):
         if uniform:
             ax.axhline(uniform[key], ls="--", lw=0.8, color="gray", label="uniform attention")
@@ -459,6 +610,8 @@ def norm_pix_setting(path, obj, flag):
 
 
 def save_reconstructions(path, name, cfg, args, out, device):
+    if cfg.get("family") == "Hiera":
+        return save_hiera_reconstructions(path, name, cfg, args, out, device)
     from mae_pretrain import MaskedAutoencoderViT, figure_images, reconstruct, save_reconstruction_figure
     obj = util.load_checkpoint(path)  # read again rather than kept through the analysis: memory
     norm_pix, why = norm_pix_setting(path, obj, args.norm_pix_loss)
@@ -474,9 +627,10 @@ def save_reconstructions(path, name, cfg, args, out, device):
     mae = mae.to(device).eval()
     imgs = figure_images(args).to(device)
     noise = torch.rand(imgs.shape[0], mae.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    parts = reconstruct(mae, imgs, args.mask_ratio, noise.to(device))
+    ratio = 0.75 if args.mask_ratio is None else args.mask_ratio
+    parts = reconstruct(mae, imgs, ratio, noise.to(device))
     targets = "norm-pix predictions de-normalized per patch" if norm_pix else "pixel targets"
-    save_reconstruction_figure(out, imgs, *parts, title=f"{name}: mask ratio {args.mask_ratio}, {targets}")
+    save_reconstruction_figure(out, imgs, *parts, title=f"{name}: mask ratio {ratio}, {targets}")
     print0(f"saved {out}")
 
 
@@ -512,6 +666,11 @@ def main(args):
     models, cfgs = [], []  # every checkpoint is read and checked before any image is processed
     for path, model_name, h in zip(args.checkpoints, model_names, heads):
         obj = util.load_checkpoint(path)
+        if util.checkpoint_family(util.read_state_dict(obj, name=path)) == "Hiera":
+            model, cfg = build_hiera(path, obj, args, model_name, h)
+            models.append(model.to(device))
+            cfgs.append(cfg)
+            continue
         cfg = util.infer_vit_config(obj, name=path)
         if args.reconstruct and "decoder_embed_dim" not in cfg:
             raise util.CheckpointError(NO_DECODER.format(path=path))
@@ -526,7 +685,8 @@ def main(args):
 
     pairs = [(i, j) for i in range(k) for j in range(i, k)]  # A vs A too: a model's own structure
     cka = {(i, j): MinibatchCKA(models[i].depth + 1, models[j].depth + 1) for i, j in pairs}
-    attn_stats = [AttentionStats(m.depth, m.patch_embed.grid_size, m.patch_embed.patch_size) for m in models]
+    attn_stats = [HieraAttentionStats(m) if isinstance(m, Hiera) else
+                  AttentionStats(m.depth, m.patch_embed.grid_size, m.patch_embed.patch_size) for m in models]
     for imgs, _ in tqdm(loader, desc="analysing", dynamic_ncols=True):
         imgs = util.normalize(imgs.to(device, non_blocking=True))
         grams = []
@@ -557,12 +717,15 @@ def main(args):
         arr = np.full((2, len(dist), max(map(len, dist))), np.nan)  # NaN where a layer has fewer heads
         for layer, (d, e) in enumerate(zip(dist, ent)):
             arr[0, layer, :len(d)], arr[1, layer, :len(e)] = d, e
+        if isinstance(stats, HieraAttentionStats):  # uniform attention differs per block
+            report[name].update(uniform_distance_px=[d for d, _ in stats.uniform],
+                                uniform_entropy_nats=[e for _, e in stats.uniform])
         np.save(out / f"attention_{label}.npy", arr)
         for key, unit, fmt in (("mean_distance_px", "px", ".1f"), ("mean_entropy_nats", "nats", ".2f")):
             print0(f"{name}: attention {key.split('_')[1]} ({unit}) per layer, mean over heads: "
                    + " ".join(format(v, fmt) for v in report[name][key]))
     uniform = None
-    if len({(s.grid_size, s.patch_size) for s in attn_stats}) == 1:  # one grid: a reference line
+    if len({(s.grid_size, s.patch_size) for s in attn_stats}) == 1 and attn_stats[0].grid_size:  # one grid
         grid, patch = attn_stats[0].grid_size, attn_stats[0].patch_size
         uniform = dict(distance_px=patch_distances(grid, patch).mean().item(),
                        entropy_nats=math.log(grid * grid))

@@ -46,6 +46,18 @@ d2 -- D²-MAE, MAE-Lite's decoupled distillation (Gao et al., IJCV 2025). attn a
     which it never saw in pre-training: take the block-d output before `norm` there, or let
     fine-tuning retrain it.
 
+attn on Hiera -- MAE-Lite's hierarchical student (IJCV 2025; HIERA.md section 5): --model
+    mae_hiera_tiny (46 wide, stages 1-2-7-2, q_pool 2, decoder 96 x 1 x 3) and a MAE-Hiera
+    teacher (the official mae_hiera_base_224.pth, or a mae_pretrain.py --model mae_hiera_*
+    checkpoint). One keep mask per image over MASK UNITS (32x32 px; mask ratio 0.4 by default:
+    29 of 49 kept at 224 px); the teacher encodes the same kept units. Both last blocks (12 of
+    12, 24 of 24) attend globally with 8 heads over the 4 tokens left of each kept unit, in the
+    same unrolled order, so the logits pair up entry by entry:
+                 A = q k^T / sqrt(d)  (B, 8, 4k, 4k): (B, 8, 116, 116) at 224 px
+                 loss = pixel + w * mean (sum_h W[t,h] A_s[b,h,i,j] - A_t[b,t,i,j])^2
+    The student's logits are tapped in the encoder pass whose fused stages feed the decoder.
+    Only --method attn takes a Hiera (student or teacher); the other methods are ViT-only.
+
 Everything that trains is one module saved under 'model': the student under 'student.' (so
 the file loads as a plain ViT backbone for fine-tuning and as the next teacher, B -> S -> T,
 through util.load_pretrained) and the method's own parts under 'distill.' (dropped, and
@@ -74,6 +86,10 @@ Commands (the built-in synthetic data is used when --data_path is not given):
     torchrun --nproc_per_node=8 distill_pretrain.py --method d2 --teacher mae_pretrain_vit_base.pth \\
         --model vit_tiny --num_heads 12 --data_path /data/imagenet --batch_size 512 --epochs 400 \\
         --warmup_epochs 40 --blr 1.5e-4 --min_crop_scale 0.08
+    # 8 GPUs: MAE-Lite's Hiera-Tiny from the official MAE-Hiera-Base, 400 epochs, batch 4096
+    torchrun --nproc_per_node=8 distill_pretrain.py --method attn --teacher mae_hiera_base_224.pth \\
+        --model mae_hiera_tiny --data_path /data/imagenet --batch_size 512 --epochs 400 \\
+        --warmup_epochs 40 --min_crop_scale 0.08
     # 8 GPUs: AMD ViT-S from MAE-B (grad clip 0.02 from AMD's video recipe)
     torchrun --nproc_per_node=8 distill_pretrain.py --method amd --teacher mae_pretrain_vit_base.pth \\
         --model vit_small --data_path /data/imagenet --batch_size 512 --clip_grad 0.02
@@ -81,7 +97,7 @@ Commands (the built-in synthetic data is used when --data_path is not given):
 Expected (ImageNet-1K top-1 after fine-tuning, PAPERS.md section 9): D-MAE-Tiny 78.4 (MAE-Tiny
 78.0); D²-MAE-Tiny 78.7 (300 epochs), 79.4 (1000 epochs with finetune.py --rel_pos_bias);
 TinyMIM T / S / B 75.8 / 83.0 / 85.0 (their MAE baselines 71.6 / 80.6 / 83.6); AMD ViT-S /
-ViT-B 82.1 / 84.6.
+ViT-B 82.1 / 84.6; Hiera-Tiny (6.5M) 78.9 distilled, 78.5 by MAE alone (IJCV).
 
 Where this differs from the official code:
 - TinyMIM: log_softmax on both sides (the official .log() of a softmax underflows in fp16);
@@ -105,6 +121,11 @@ Where this differs from the official code:
   blocks; here it stops after the block it gives (the same logits). --decode_layer and
   --teacher_layer generalise the official fixed 8 and 12. util reads the official D²-MAE
   checkpoint's partial block 13 as this extra block.
+- MAE-Lite on Hiera: the teacher is a plain Hiera built from the weights (no decoder, fusion
+  heads or encoder_norm; they are reported as unexpected) rather than the MAE model with its
+  decoder deleted; the head mixer is the einsum above (official: Conv2d(8, 8, 1) on the
+  squeezed logits). The official code distils the same block pair; --teacher_layer may pick
+  another teacher block if it attends globally over the same tokens.
 - Crops, colour jitter and masks come from each sample's own seed (util), so a run is the same
   on 1 or N GPUs and a resumed run continues exactly.
 """
@@ -116,8 +137,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import hiera
 import util
-from mae_pretrain import MaskedAutoencoderViT, check_widths, random_masking
+from mae_pretrain import (MAE_HIERA_PRESETS, MaskedAutoencoderViT, check_widths, create_mae_hiera,
+                          random_masking, random_unit_mask)
 from util import print0
 from vit import VIT_PRESETS, Block, VisionTransformer, gather_tokens
 
@@ -138,12 +161,16 @@ def get_args_parser():
     g.add_argument("--method", required=True, choices=METHODS,
                    help="attn: MAE-Lite, relation: TinyMIM, amd: AMD, feature: TinyMIM's baseline, "
                         "d2: MAE-Lite's decoupled D²-MAE")
-    g.add_argument("--model", default="vit_tiny", choices=list(VIT_PRESETS), help="the student")
+    g.add_argument("--model", default="vit_tiny", choices=[*VIT_PRESETS, *MAE_HIERA_PRESETS],
+                   help="the student: a ViT, or an MAE-Hiera for --method attn (mae_hiera_tiny: "
+                        "MAE-Lite's 46-wide Hiera-Tiny)")
     g.add_argument("--input_size", type=int, default=224)
     g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
     g.add_argument("--num_heads", type=int, default=None,
                    help="override the student's head count (MAE-Lite's tiny: 12, TinyMIM's: 6)")
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="the student's (attn, amd, d2)")
+    g.add_argument("--mask_ratio", type=float, default=None,
+                   help="the student's (attn, amd, d2); default 0.75 of the patches for a ViT, 0.4 of "
+                        "the mask units for a Hiera (MAE-Lite's Hiera recipe)")
     g.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="normalized-pixel MAE loss (attn, amd, d2)")
     g.add_argument("--decoder_embed_dim", type=int, default=None,
@@ -166,8 +193,9 @@ def get_args_parser():
                    help="the teacher's preset: its width and depth must match the weights, its head "
                         "count is used unless the checkpoint records one (default: all from the weights)")
     g.add_argument("--teacher_num_heads", type=int, default=None,
-                   help="the teacher's head count in every block (not visible in the weights; default: "
-                        "as the checkpoint records it, else the width's usual count)")
+                   help="the teacher's head count in every block (a Hiera: in its first stage; they "
+                        "double per stage) (not visible in the weights; default: as the checkpoint "
+                        "records it, else the width's usual count)")
     g.add_argument("--teacher_layer", type=int, default=None,
                    help="1-based teacher block to distil (default: the last; 18 of 24 for relation)")
     g.add_argument("--student_layers", type=int, nargs="+", default=None,
@@ -392,7 +420,15 @@ def build_teacher(args, student_patch, device):
     --input_size (util.load_pretrained interpolates pos_embed), every key checked."""
     path = args.teacher
     obj = util.load_checkpoint(path)  # one-line CheckpointError: missing, corrupt, unsafe
-    cfg = util.infer_vit_config(obj, name=path)  # ... or an unknown layout
+    family = util.checkpoint_family(util.read_state_dict(obj, name=path))  # ... or an unknown layout
+    student = "Hiera" if args.model in MAE_HIERA_PRESETS else "ViT"
+    if family != student:
+        raise util.CheckpointError(
+            f"{path}: --teacher is a {family} checkpoint and --model {args.model} a {student}: "
+            f"both must be ViTs or both Hieras (a Hiera pair only with --method attn)")
+    if family == "Hiera":
+        return build_hiera_teacher(args, obj, device)
+    cfg = util.infer_vit_config(obj, name=path)
     saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
     heads, source = cfg["num_heads"], ("recorded in the checkpoint" if not cfg["heads_inferred"]
                                        else "the width's usual count; --teacher_num_heads to change")
@@ -430,6 +466,35 @@ def build_teacher(args, student_patch, device):
     # A relation student trained its last block only up to q, k, v (its proj, MLP, norm are at init).
     run_args = obj.get("args") if isinstance(obj, dict) else None
     teacher.last_output_untrained = isinstance(run_args, dict) and run_args.get("method") == "relation"
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def build_hiera_teacher(args, obj, device):
+    """The frozen Hiera teacher: a plain Hiera encoder with the checkpoint's architecture
+    (hiera.infer_hiera_config) at the student's --input_size, no `norm` and no head (it stops
+    at a block). An MAE checkpoint's encoder_norm, fusion heads, mask_token and decoder are
+    reported as unexpected. q_pool is the checkpoint's (2 for an MAE; a recorded or inferred
+    classifier's 3 leaves 1 token per unit in the last stage, and build_model refuses it);
+    where nothing tells, the MAE models' 2, as the student."""
+    path = args.teacher
+    cfg = hiera.infer_hiera_config(obj, name=path)
+    saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
+    q_pool = cfg["q_pool"] if "decoder_embed_dim" in cfg or "q_pool" in saved else 2
+    heads, source = cfg["num_heads"], ("recorded in the checkpoint" if not cfg["heads_inferred"]
+                                       else "the width's usual count; --teacher_num_heads to change")
+    if args.teacher_num_heads:
+        heads, source = args.teacher_num_heads, "--teacher_num_heads"
+    try:
+        teacher = hiera.Hiera(img_size=args.input_size, in_chans=cfg["in_chans"], embed_dim=cfg["embed_dim"],
+                              num_heads=heads, stages=cfg["stages"], q_pool=q_pool, num_classes=0,
+                              mlp_ratio=cfg["mlp_ratio"])
+    except util.ConfigError as e:
+        raise util.CheckpointError(f"{path}: {e}") from None
+    teacher.norm = nn.Identity()  # what a classifier's file has there is reported as unexpected
+    print0(f"teacher {path} (Hiera, read from the weights): width {cfg['embed_dim']}, stages "
+           f"{cfg['stages']} ({teacher.depth} blocks), heads {heads} in stage 1 ({source}) and "
+           f"{teacher.blocks[-1].attn.num_heads} in the last block, q_pool {q_pool}")
+    util.load_pretrained(teacher, obj, allow_missing=(), name=path, check_heads=not args.teacher_num_heads)
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -593,6 +658,63 @@ class DecoupledDistiller(Distiller):
         return pixel + self.weight * attn, {"pixel": pixel, "attn": attn}
 
 
+class HieraAttentionDistiller(Distiller):
+    """MAE-Lite (IJCV) on Hiera: MAE-Hiera pixel loss + w * attention-logit loss between the
+    student's last block and teacher block k (its last by default), both global attention.
+
+    The keep mask is per mask unit (random_unit_mask, True = keep). The teacher embeds the
+    same image with the same units removed (zeroed before its conv, as the student's), so
+    both blocks see 4 tokens per kept unit (q_pool 2) in the same unrolled order:
+        A_s (B, Hs, 4k, 4k), A_t (B, Ht, 4k, 4k)      (k kept units; 116 tokens at 224 px, 0.4)
+        loss = pixel + w * MSE(W A_s, A_t)             W (Ht, Hs): AttentionDistillLoss
+    The student's logits are tapped in the same encoder pass whose stages feed the decoder."""
+
+    def __init__(self, student, teacher_heads, teacher_layer, mask_ratio, weight=1.0):
+        super().__init__(student, AttentionDistillLoss(student.blocks[-1].attn.num_heads, teacher_heads))
+        self.teacher_layer, self.mask_ratio, self.weight = teacher_layer, mask_ratio, weight
+
+    def forward(self, imgs, noise, teacher):
+        s, k, d = self.student, self.teacher_layer, self.student.depth
+        keep = random_unit_mask(imgs.shape[0], s.num_mask_units, self.mask_ratio, noise)  # (B, U)
+        with torch.no_grad():  # the teacher encodes the same kept units
+            t = teacher.encode(teacher.embed(imgs, keep), keep, attn=(k,), attn_logits=True,
+                               stop_at=k).attn[k]  # (B, Ht, 4k, 4k)
+        latent, taps = s.forward_encoder(imgs, keep, attn=(d,), attn_logits=True)
+        pixel = s.forward_loss(imgs, s.forward_decoder(latent, keep), s.removed_patches(keep))
+        attn = self.distill(taps.attn[d], t)
+        return pixel + self.weight * attn, {"pixel": pixel, "attn": attn}
+
+
+def hiera_attention_shape(model, k):
+    """Block k (1-based) of a Hiera -> (heads, queries, keys per mask unit, global attention?):
+    the shape of its attention logits per kept unit. A q-pooling block has 4x fewer queries
+    than keys; blocks before the lag ends attend within each unit."""
+    blk, pooled = model.blocks[k - 1], [0, *model.pooled]  # poolings done before block k: pooled[k - 1]
+    tokens = hiera.MU * hiera.MU
+    return (blk.attn.num_heads, tokens // 4 ** pooled[k], tokens // 4 ** pooled[k - 1],
+            not blk.attn.use_mask_unit_attn)
+
+
+def build_hiera_student(args, teacher):
+    """The MAE-Hiera student of --model in its HieraAttentionDistiller; teacher block
+    --teacher_layer must attend globally over the tokens of the student's last block."""
+    student = create_mae_hiera(args.model, img_size=args.input_size, num_heads=args.num_heads,
+                               decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
+                               decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss)
+    k = args.teacher_layer
+    (hs, qs, ks, gs), (ht, qt, kt, gt) = hiera_attention_shape(student, student.depth), \
+        hiera_attention_shape(teacher, k)
+    if not (gs and gt and (qs, ks) == (qt, kt)):
+        raise util.CheckpointError(
+            f"{args.teacher}: its block {k} attends {'globally' if gt else 'within mask units'} with "
+            f"{qt} queries x {kt} keys per mask unit; the student's last block {'globally' if gs else 'within units'} "
+            f"with {qs} x {ks}: the logits do not pair up (an MAE-Hiera teacher, q_pool 2, at a "
+            f"block after the first of stage 3)")
+    print0(f"attention distillation: student block {student.depth} ({hs} heads) -> head mixer "
+           f"{hs} -> {ht} -> teacher block {k} ({ht} heads), {qs} tokens per kept unit")
+    return HieraAttentionDistiller(student, ht, k, args.mask_ratio, args.distill_weight)
+
+
 def decoder_size(method, width):
     """The student's pixel decoder (width, blocks, heads) as each paper's code builds it:
     MAE-Lite's 96 x 1 x 3 for attn and d2; for amd VideoMAE's (AMD's base): ViT-S 192 x 4 x 3, ViT-B
@@ -607,6 +729,8 @@ def decoder_size(method, width):
 def build_model(args, teacher):
     """The student for --method (an MAE for attn/amd/d2, a plain ViT otherwise) in its
     Distiller. Call resolve_layers first."""
+    if args.model in MAE_HIERA_PRESETS:
+        return build_hiera_student(args, teacher)
     preset = VIT_PRESETS[args.model]
     arch = dict(img_size=args.input_size, patch_size=args.patch_size or preset.get("patch_size", 16),
                 embed_dim=preset["embed_dim"], depth=preset["depth"],
@@ -684,13 +808,18 @@ def check_args(args):
         teacher_mask_ratio=util.between(0, 1, hi_ok=False), distill_weight=util.NON_NEGATIVE,
         drop_path=util.between(0, 1, hi_ok=False), color_jitter=util.NON_NEGATIVE,
         teacher_num_heads=util.AT_LEAST_1, teacher_layer=util.AT_LEAST_1,
-        student_layers=util.AT_LEAST_1, teacher_layers=util.AT_LEAST_1,
-        decode_layer=util.between(1, VIT_PRESETS[args.model]["depth"])))
+        student_layers=util.AT_LEAST_1, teacher_layers=util.AT_LEAST_1, decode_layer=util.AT_LEAST_1))
     defaults = get_args_parser()
     for flag, methods in METHOD_FLAGS.items():
         if args.method not in methods and getattr(args, flag) != defaults.get_default(flag):
             raise util.ConfigError(f"--{flag} is for --method {'/'.join(methods)}, not {args.method}")
+    if args.model in MAE_HIERA_PRESETS:
+        return check_hiera_args(args)
+    if args.mask_ratio is None and args.method in METHOD_FLAGS["mask_ratio"]:
+        args.mask_ratio = 0.75  # MAE's
     preset = VIT_PRESETS[args.model]
+    if args.method == "d2":
+        util.check_ranges(args, dict(decode_layer=util.between(1, preset["depth"])))
     patch = args.patch_size or preset.get("patch_size", 16)
     if args.input_size % patch:
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
@@ -707,6 +836,34 @@ def check_args(args):
     return patch
 
 
+def check_hiera_args(args):
+    """A Hiera student: MAE-Lite's attention distillation only, no ViT flags, whole mask
+    units; fills in mask ratio 0.4 and the 96 x 1 x 3 decoder (recorded with the run's args).
+    Returns 32, the masking unit's side in px: (input_size / 32)^2 noise values per image."""
+    if args.method != "attn":
+        raise util.ConfigError(f"--method {args.method} takes a ViT student (--model vit_*) and teacher; "
+                               f"a Hiera (--model {args.model}) is distilled with --method attn only")
+    for flag, why in (("patch_size", "a Hiera embeds 4x4 px per token and masks 32x32 px units"),
+                      ("teacher_model", "a Hiera teacher's architecture is read from its weights")):
+        if getattr(args, flag) is not None:
+            raise util.ConfigError(f"--{flag} is for a ViT; --model {args.model} is a Hiera: {why}")
+    if args.input_size % 32:
+        raise util.ConfigError(f"--input_size {args.input_size}: a Hiera needs a multiple of 32 "
+                               f"(whole 32x32 px mask units)")
+    if args.mask_ratio is None:
+        args.mask_ratio = 0.4  # MAE-Lite's Hiera (the official Hiera MAE: 0.6)
+    units = (args.input_size // 32) ** 2
+    if int(units * (1 - args.mask_ratio)) < 1:
+        raise util.ConfigError(f"--mask_ratio {args.mask_ratio} keeps none of the {units} mask units at "
+                               f"--input_size {args.input_size}")
+    preset = MAE_HIERA_PRESETS[args.model]
+    for i, flag in enumerate(("decoder_embed_dim", "decoder_depth", "decoder_num_heads")):
+        setattr(args, flag, getattr(args, flag) or decoder_size("attn", preset["embed_dim"])[i])
+    check_widths(preset["embed_dim"], args.num_heads or preset["num_heads"], args.decoder_embed_dim,
+                 args.decoder_num_heads, f"--model {args.model}")
+    return 32
+
+
 def main(args):
     patch = check_args(args)
     dinfo = util.init_distributed(args.device)
@@ -719,7 +876,8 @@ def main(args):
     loader = util.build_train_loader(dataset, args, dinfo, noise=0 if two_views else (args.input_size // patch) ** 2)
 
     teacher = build_teacher(args, patch, device)  # a teacher that does not fit stops here
-    resolve_layers(args, VIT_PRESETS[args.model]["depth"], teacher)
+    resolve_layers(args, sum(MAE_HIERA_PRESETS[args.model]["stages"]) if args.model in MAE_HIERA_PRESETS
+                   else VIT_PRESETS[args.model]["depth"], teacher)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, teacher).to(device)
     n_params = sum(p.numel() for p in model.student.parameters() if p.requires_grad)

@@ -28,6 +28,16 @@ one zero-initialised table of (2G-1)^2 + 3 entries per block (the 3: cls to patc
 cls, cls to cls) on top of pos_embed. --train_subset N fine-tunes on N labelled images per
 class (MAE-Lite IJCV's data-scale study); --eval_freq N evaluates every N epochs.
 
+Hiera (--model hiera_tiny_224 | hiera_small_224 | hiera_base_224 | hiera_lite_tiny, hiera.py):
+the classifier pools its queries 3 times (q_pool 3, the official classifiers; its MAE was
+pre-trained at 2), then logits = head.projection(norm(mean over the last block's tokens)).
+It starts from an MAE-Hiera or a distilled Hiera checkpoint (the decoder, fusion heads,
+encoder_norm and mixer are reported unused; `norm` and the head are fresh) or from scratch,
+with the same recipe and layer decay over its blocks: patch_embed, pos_embed -> 0;
+blocks.i -> i + 1; norm, head.projection -> depth + 1 (util.vit_layer_id reads Hiera's
+names as they are). The input must be a multiple of 32 px (whole mask units); the ViT-only
+flags (--patch_size, --cls_token, --linprobe, --uniform_heads) are refused.
+
 Commands (the built-in synthetic data is used when neither --data_path nor --dataset is given):
     # CPU, about 15 minutes: pre-train, fine-tune (a light recipe), evaluate (README: results)
     python mae_pretrain.py --input_size 32 --patch_size 8 --epochs 20 --warmup_epochs 2 \\
@@ -61,6 +71,10 @@ Commands (the built-in synthetic data is used when neither --data_path nor --dat
     # MAE linear probe, ViT-B: batch 16384 = 512 x 8 GPUs x 4 (LARS, blr 0.1, 90 epochs) -> 67.8
     torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_base \\
         --finetune mae_pretrain_vit_base.pth --data_path /data/imagenet --batch_size 512 --accum_iter 4
+    # MAE-Lite's Hiera-Tiny (46 wide) from its MAE or distilled checkpoint, as MAE-Lite's ViT-Tiny
+    torchrun --nproc_per_node=8 finetune.py --model hiera_lite_tiny --finetune runs/dmae_hiera_tiny/checkpoint.pth \\
+        --data_path /data/imagenet --batch_size 128 --epochs 300 --blr 1e-3 --layer_decay 0.85 \\
+        --drop_path 0 --aa rand-m10-mstd0.5-inc1 --mixup 0.2 --cutmix 0 --smoothing 0 --reprob 0
     # check an official fine-tuned checkpoint; MAE's FINETUNE.md: Acc@1 83.664 Acc@5 96.530 loss 0.731
     python finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base \\
         --data_path /data/imagenet --batch_size 16
@@ -89,16 +103,15 @@ Where this differs from the official code (facebookresearch/mae with timm 0.3.2)
   (FINETUNE.md); the official script's flag defaults are 0 / 0 (off).
 - A TinyMIM relation student keeps its adaptive last block's head count by default; the
   official TinyMIM fine-tuning rebuilds that block with the standard count (--uniform_heads).
-- --rel_pos_bias: the tables get no weight decay, as timm's Beit (BEiT:
-  --disable_weight_decay_on_rel_pos_bias); MAE-Lite's models_vit_rpe lists only pos_embed and
-  cls_token as no-decay, so its tables are decayed. Its RPE recipe also swaps qkv's bias for
-  BEiT's q_bias / v_bias (no k bias); here the pre-trained k bias stays: it adds one constant
-  to all logits of a query, which the softmax ignores. Tables are not interpolated to another
-  --input_size (BEiT resamples them): that is refused with one line.
-- --train_subset: how the IJCV study drew its subsets is not in the released code; here each
-  class's images are a seeded random draw (nested across sizes).
-- The best checkpoint is the best evaluated epoch: with --eval_freq N > 1 an epoch in between
-  may have been better.
+        color_jitter=util.NON_NEGATIVE, train_subset=util.POSITIVE, eval_freq=util.AT_LEAST_1))
+    if args.train_subset is not None and args.train_subset >= 1 and args.train_subset != int(args.train_subset):
+        raise util.ConfigError(f"--train_subset {args.train_subset:g}: a whole number of images per class "
+                               f"(1 or more) or a fraction of each class (below 1)")
+    if args.rel_pos_bias and args.linprobe:
+        raise util.ConfigError("--rel_pos_bias with --linprobe: the frozen tables would stay at zero")
+    if args.model in HIERA_PRESETS:
+        check_hiera_args(args)
+    patch = 32 if args.model in HIERA_PRESETS else args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
 """
 import argparse
 import copy
@@ -115,6 +128,7 @@ from torch.utils.data import DataLoader
 
 import util
 from util import print0
+from hiera import HIERA_PRESETS, Hiera, create_hiera, infer_hiera_config
 from vit import VIT_PRESETS, create_vit
 
 # MAE's main_linprobe.py recipe: what --linprobe changes unless the flag is given.
@@ -140,7 +154,8 @@ def get_args_parser():
     p = Parser("Fine-tuning, linear probing and evaluation",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_tiny", choices=list(VIT_PRESETS))
+    g.add_argument("--model", default="vit_tiny", choices=[*VIT_PRESETS, *HIERA_PRESETS],
+                   help="a ViT, or a Hiera (q_pool 3; hiera_lite_tiny: MAE-Lite's 46-wide Hiera-Tiny)")
     g.add_argument("--input_size", type=int, default=224)
     g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
     g.add_argument("--num_heads", type=int, default=None, help="override the head count "
@@ -206,6 +221,8 @@ def build_model(args, num_classes, last_block_heads=None):
     """The ViT classifier; with --linprobe a frozen backbone under BatchNorm1d + Linear.
     last_block_heads: a TinyMIM relation student's adaptive last block (its checkpoint
     records it) keeps the head split its q/k/v were trained with."""
+    if args.model in HIERA_PRESETS:
+        return build_hiera(args, num_classes)
     try:
         model = create_vit(args.model, img_size=args.input_size, patch_size=args.patch_size,
                            num_heads=args.num_heads, num_classes=num_classes,
@@ -224,10 +241,20 @@ def build_model(args, num_classes, last_block_heads=None):
     return model
 
 
+def build_hiera(args, num_classes):
+    """A Hiera classifier: q_pool 3 (the official classifiers; 1 token per mask unit in the last
+    stage), mean of the last block's tokens -> norm -> head.projection; drop path rising
+    linearly to --drop_path at the last block."""
+    model = create_hiera(args.model, img_size=args.input_size, num_heads=args.num_heads, q_pool=3,
+                         num_classes=num_classes, drop_path_rate=args.drop_path)
+    init_head(model, args)
+    return model
+
+
 def init_head(model, args):
     """MAE: trunc-normal std 2e-5 for fine-tuning (the first logits are ~0: a calm start),
     0.01 for the linear probe (MoCo v3); zero bias."""
-    linear = model.head[1] if args.linprobe else model.head
+    linear = model.head[1] if args.linprobe else getattr(model.head, "projection", model.head)  # Hiera's
     nn.init.trunc_normal_(linear.weight, std=0.01 if args.linprobe else 2e-5)
     nn.init.zeros_(linear.bias)
 
@@ -251,6 +278,8 @@ def load_backbone(model, obj, path, args):
 def load_classifier(model, obj, path):
     """--eval: the whole classifier (backbone, pooling norm and head) must be in the file.
     Only the model is read: an optimizer or argparse args next to it are ignored."""
+    if isinstance(model, Hiera):
+        return load_hiera_classifier(model, obj, path)
     sd = util.read_state_dict(obj, name=path)
     head = sd.get("head.weight", sd.get("head.1.weight"))
     if head is None:
@@ -264,6 +293,22 @@ def load_classifier(model, obj, path):
         raise util.CheckpointError(f"{path}: was trained with {pool} pooling ("
                                    f"{'norm' if pool == 'token' else 'fc_norm'}); "
                                    f"{'add' if pool == 'token' else 'drop'} --cls_token")
+    util.load_pretrained(model, obj, allow_missing=(), name=path)
+
+
+def load_hiera_classifier(model, obj, path):
+    """--eval of a Hiera: `norm` and `head.projection` (official; timm's head.norm / head.fc are
+    mapped) must be in the file, for the dataset's classes, and it must pool as the model."""
+    cfg = infer_hiera_config(obj, name=path)  # a ViT file stops here, in one line
+    if not cfg.get("num_classes"):
+        raise util.CheckpointError(f"{path}: has no classification head (a pre-trained encoder?); "
+                                   f"fine-tune it first: --finetune without --eval")
+    if cfg["num_classes"] != model.num_classes:
+        raise util.CheckpointError(f"{path}: its head has {cfg['num_classes']} classes, the dataset "
+                                   f"has {model.num_classes}")
+    if cfg["q_pool"] != model.q_pool:
+        raise util.CheckpointError(f"{path}: records q_pool {cfg['q_pool']}; a Hiera classifier here "
+                                   f"pools {model.q_pool} times")
     util.load_pretrained(model, obj, allow_missing=(), name=path)
 
 
@@ -510,6 +555,10 @@ def check_args(args):
     if args.rel_pos_bias and args.linprobe:
         raise util.ConfigError("--rel_pos_bias with --linprobe: the frozen tables would stay at zero")
     patch = args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
+        color_jitter=util.NON_NEGATIVE))
+    if args.model in HIERA_PRESETS:
+        check_hiera_args(args)
+    patch = 32 if args.model in HIERA_PRESETS else args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
     if args.input_size % patch:
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
     if args.eval and not (args.resume or args.finetune):
@@ -517,6 +566,24 @@ def check_args(args):
     if args.linprobe and args.drop_path:
         raise util.ConfigError("--linprobe trains only the head: --drop_path must be 0")
     parse_randaugment(args.aa)
+
+
+# Flags a Hiera has no use for (it mean-pools into `norm`, has 4-px tokens, no cls token and
+# no TinyMIM block); a flag another version of this file lacks is skipped.
+VIT_ONLY_FLAGS = {"linprobe": "--linprobe", "patch_size": "--patch_size", "global_pool": "--cls_token",
+                  "uniform_heads": "--uniform_heads", "rel_pos_bias": "--rel_pos_bias"}
+
+
+def check_hiera_args(args):
+    """A Hiera: no ViT-only flag, whole 32x32 px mask units."""
+    defaults = get_args_parser()
+    for flag, name in VIT_ONLY_FLAGS.items():
+        if hasattr(args, flag) and getattr(args, flag) != defaults.get_default(flag):
+            raise util.ConfigError(f"{name} is for a ViT; --model {args.model} is a Hiera (mean of its "
+                                   f"tokens -> norm -> head.projection)")
+    if args.input_size % 32:
+        raise util.ConfigError(f"--input_size {args.input_size}: a Hiera needs a multiple of 32 "
+                               f"(whole 32x32 px mask units)")
 
 
 def check_classes(train, val):
@@ -555,7 +622,8 @@ def main(args):
 
     source = (args.resume or args.finetune) if args.eval else args.finetune
     obj = util.load_checkpoint(source) if source else None  # read once, before the model is built
-    lbh = util.infer_vit_config(obj, name=source)["last_block_heads"] if obj is not None else None
+    lbh = (util.infer_vit_config(obj, name=source)["last_block_heads"]
+           if obj is not None and args.model in VIT_PRESETS else None)
     if lbh and args.uniform_heads:  # the official TinyMIM fine-tuning: re-split its q/k/v
         print0(f"{source}: its last block has {lbh} heads (a TinyMIM relation student); "
                f"--uniform_heads re-splits it into the model's {args.num_heads or 'preset'} heads")

@@ -388,6 +388,10 @@ def infer_hiera_config(path_or_obj, name=None):
         raise util.CheckpointError(f"{name}: is a ViT checkpoint, not a Hiera (no block changes width)")
     saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    needed = ["pos_embed", *(f"blocks.{i}.mlp.fc{j}.weight" for i in range(depth) for j in (1, 2))]
+    if any(k not in sd for k in needed):  # what the architecture is read from
+        raise util.CheckpointError(f"{name}: has no {next(k for k in needed if k not in sd)} (a partial "
+                                   f"checkpoint?); the architecture cannot be read from it")
     widths = [sd[f"blocks.{i}.mlp.fc2.weight"].shape[0] for i in range(depth)]
     stages = [sum(1 for w in widths if w == widths[0] * 2 ** s) for s in range(4)]
     D, C = sd["patch_embed.proj.weight"].shape[:2]
