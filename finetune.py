@@ -554,8 +554,6 @@ def check_args(args):
                                f"(1 or more) or a fraction of each class (below 1)")
     if args.rel_pos_bias and args.linprobe:
         raise util.ConfigError("--rel_pos_bias with --linprobe: the frozen tables would stay at zero")
-    patch = args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
-        color_jitter=util.NON_NEGATIVE))
     if args.model in HIERA_PRESETS:
         check_hiera_args(args)
     patch = 32 if args.model in HIERA_PRESETS else args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
