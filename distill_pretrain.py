@@ -808,7 +808,7 @@ def check_args(args):
         teacher_mask_ratio=util.between(0, 1, hi_ok=False), distill_weight=util.NON_NEGATIVE,
         drop_path=util.between(0, 1, hi_ok=False), color_jitter=util.NON_NEGATIVE,
         teacher_num_heads=util.AT_LEAST_1, teacher_layer=util.AT_LEAST_1,
-        student_layers=util.AT_LEAST_1, teacher_layers=util.AT_LEAST_1, decode_layer=util.AT_LEAST_1))
+        student_layers=util.AT_LEAST_1, teacher_layers=util.AT_LEAST_1))  # --decode_layer: below, against the depth
     defaults = get_args_parser()
     for flag, methods in METHOD_FLAGS.items():
         if args.method not in methods and getattr(args, flag) != defaults.get_default(flag):
