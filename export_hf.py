@@ -1,6 +1,10 @@
-"""Export a checkpoint from here as a Hugging Face transformers model directory.
+"""Hugging Face transformers ViT / ViTMAE checkpoints, both directions.
 
-The other direction of util.load_pretrained: a colleague who uses transformers gets your
+Reading (from_hf, read_hf_dir; util.load_pretrained calls them, so every stage takes a
+transformers checkpoint or save_pretrained directory wherever it takes a checkpoint) and
+writing (export, this file's command): one name table, HF_NAMES, serves both.
+
+Writing, the other direction of util.load_pretrained: a colleague who uses transformers gets your
 MAE, your distilled student or your fine-tuned classifier as a save_pretrained directory,
 
     python export_hf.py runs/dmae_tiny/checkpoint.pth hf/dmae_tiny
@@ -19,7 +23,7 @@ What the checkpoint holds picks the class (--kind overrides):
 ViTModel adds a tanh pooler that no MAE or timm ViT has: load it with
 ViTModel.from_pretrained(out, add_pooling_layer=False).
 
-Names come from util.HF_NAMES, the table the loader reads, written in transformers 4.x's
+Names come from HF_NAMES, the table the loader reads, written in transformers 4.x's
 spelling (what 5.x's save_pretrained writes too; both generations load it); attn.qkv is
 cut into query, key and value. config.json says layer_norm_eps 1e-6 (this ViT's, and
 MAE's and timm's; transformers defaults to 1e-12) and hidden_act gelu (exact), so
@@ -53,6 +57,131 @@ ENCODER = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")  # what
 DECODER = ("decoder_", "mask_token")
 
 
+# ----------------------------------------------------------------------------
+# Reading: util.read_state_dict and util.load_checkpoint call from_hf and read_hf_dir
+
+# Hugging Face transformers: ViTModel, ViTForImageClassification, ViTMAEModel and
+# ViTMAEForPreTraining. One table, read both ways by `hf_rename`: our name, transformers
+# 4.x's, 5.x's (its modules; its save_pretrained writes 4.x's names, which both
+# generations load, so `to_hf` writes those). '{}' is a block index; a row names a
+# module, '.weight' / '.bias' follow. HF's q, k, v are three Linears; ours are one
+# attn.qkv with rows [q; k; v], each head-major as HF's view(heads, head_dim) reads them.
+_HF_BLOCK = (("norm1", "layernorm_before", "layernorm_before"),
+             ("attn.q", "attention.attention.query", "attention.q_proj"),
+             ("attn.k", "attention.attention.key", "attention.k_proj"),
+             ("attn.v", "attention.attention.value", "attention.v_proj"),
+             ("attn.proj", "attention.output.dense", "attention.o_proj"),
+             ("norm2", "layernorm_after", "layernorm_after"),
+             ("mlp.fc1", "intermediate.dense", "mlp.fc1"),
+             ("mlp.fc2", "output.dense", "mlp.fc2"))
+_HF_TOP = (("cls_token", "vit.embeddings.cls_token"),
+           ("pos_embed", "vit.embeddings.position_embeddings"),  # ViTMAE's sin-cos is stored too
+           ("patch_embed.proj", "vit.embeddings.patch_embeddings.projection"),
+           ("norm", "vit.layernorm"), ("head", "classifier"),
+           ("decoder_embed", "decoder.decoder_embed"), ("mask_token", "decoder.mask_token"),
+           ("decoder_pos_embed", "decoder.decoder_pos_embed"),
+           ("decoder_norm", "decoder.decoder_norm"), ("decoder_pred", "decoder.decoder_pred"))
+HF_NAMES = [(ours, hf, hf) for ours, hf in _HF_TOP] + [
+    (f"{ours}.{{}}.{a}", f"{hf4}.{{}}.{b}", f"{hf5}.{{}}.{c}")
+    for ours, hf4, hf5 in (("blocks", "vit.encoder.layer", "vit.layers"),
+                           ("decoder_blocks", "decoder.decoder_layers", "decoder.decoder_layers"))
+    for a, b, c in _HF_BLOCK]
+HF_PATCH = "embeddings.patch_embeddings.projection.weight"  # marks a transformers ViT-like model
+# config.json fields: ours <- theirs. The head counts are the ones the weights cannot show.
+HF_CONFIG = (("embed_dim", "hidden_size"), ("depth", "num_hidden_layers"),
+             ("num_heads", "num_attention_heads"), ("patch_size", "patch_size"),
+             ("img_size", "image_size"), ("in_chans", "num_channels"),
+             ("decoder_embed_dim", "decoder_hidden_size"),
+             ("decoder_depth", "decoder_num_hidden_layers"),
+             ("decoder_num_heads", "decoder_num_attention_heads"),
+             ("norm_pix_loss", "norm_pix_loss"), ("mask_ratio", "mask_ratio"))
+
+
+def hf_rename(key, to_hf=False):
+    """One key through HF_NAMES: a transformers name (either generation) -> ours, or with
+    to_hf ours -> transformers 4.x's. None when no row matches."""
+    for ours, hf4, hf5 in HF_NAMES:
+        for src, dst in ([(ours, hf4)] if to_hf else [(hf4, ours), (hf5, ours)]):
+            pattern = re.escape(src).replace(r"\{\}", r"(?P<i>\d+)") + r"(?P<end>\.weight|\.bias)?"
+            if m := re.fullmatch(pattern, key):
+                return dst.replace("{}", m.groupdict().get("i") or "") + (m["end"] or "")
+    return None
+
+
+def from_hf(sd, name):
+    """A transformers ViT / ViTMAE state_dict in either generation's names -> ours, with
+    q, k, v fused. Keys no row maps (ViTModel's tanh pooler) keep their names, so
+    `load_pretrained` reports them as unexpected; an unknown key inside a block means
+    another model type and is refused."""
+    prefix = next(k[:-len(HF_PATCH)] for k in sd if k.endswith(HF_PATCH))
+    if prefix not in ("", "vit."):  # deit., swin., beit., ...
+        raise util.CheckpointError(f"{name}: a Hugging Face '{prefix.rstrip('.')}' model; only ViT and "
+                              f"ViTMAE (keys under vit. or bare) are read")
+    out = {}
+    for k, v in sd.items():
+        k = ("vit." + k if not prefix else k).replace(  # ViT(MAE)Model saved alone: no 'vit.'
+            "decoder.decoder_encoder.layer.", "decoder.decoder_layers.")  # 5.x writes this
+        ours = hf_rename(k)
+        in_block = re.match(r"(vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers)\.\d+\.", k)
+        if ours is None and in_block:
+            raise util.CheckpointError(f"{name}: {k} is not part of a ViT block (another Hugging Face "
+                                  f"model type?)")
+        out[ours or k] = v
+    for key in [k for k in out if k.endswith(".attn.q.weight")]:
+        base = key[:-len("q.weight")]  # blocks.3.attn.
+        for end in (".weight", ".bias"):
+            parts = [out.pop(f"{base}{c}{end}", None) for c in "qkv"]
+            if end == ".bias" and all(p is None for p in parts):  # config qkv_bias=False
+                parts = [torch.zeros_like(out[base + "qkv.weight"][:, 0])]  # the same as no bias
+            elif any(p is None for p in parts):
+                raise util.CheckpointError(f"{name}: {base}q/k/v{end}: one of the three is missing")
+            out[f"{base}qkv{end}"] = torch.cat(parts)
+    return out
+
+
+def read_hf_dir(path):
+    """A transformers save_pretrained directory (config.json + model.safetensors or
+    pytorch_model.bin) of a ViT or ViTMAE -> {'model': state_dict in our names,
+    'model_config': what config.json records, in our names}. The head counts then come
+    from config.json; a width, depth, patch or image size that disagrees with the
+    weights is refused."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise util.CheckpointError(f"{path}: a directory without config.json; give a checkpoint file "
+                              f"or a Hugging Face save_pretrained directory")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise util.CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if hf.get("model_type") not in ("vit", "vit_mae"):
+        raise util.CheckpointError(f"{cfg_file}: model_type {hf.get('model_type')!r}; only Hugging Face "
+                              f"ViT ('vit') and ViTMAE ('vit_mae') are read")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise util.CheckpointError(f"{cfg_file}: hidden_act {hf['hidden_act']!r}; the ViT here uses "
+                              f"exact GELU ('gelu')")
+    weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin")
+                    if (path / f).is_file()), None)
+    if weights is None:
+        raise util.CheckpointError(f"{path}: has config.json but no model.safetensors or "
+                              f"pytorch_model.bin")
+    sd = util.read_state_dict(util.load_checkpoint(weights), name=str(weights))
+    arch = util.infer_vit_config({"model": sd}, name=str(weights))
+    config = {}
+    for ours, theirs in HF_CONFIG:
+        if theirs not in hf:
+            continue
+        value = hf[theirs]
+        value = value[0] if isinstance(value, list) and len(set(value)) == 1 else value  # [224, 224]
+        if ours in arch and "num_heads" not in ours and arch[ours] != value:
+            raise util.CheckpointError(f"{cfg_file}: {theirs} is {value}, the weights in {weights.name} "
+                                  f"have {arch[ours]}")
+        config[ours] = value
+    return {"model": sd, "model_config": config}
+
+
+# ----------------------------------------------------------------------------
+# Writing
+
 def get_args_parser():
     p = argparse.ArgumentParser("Export to Hugging Face transformers",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -80,9 +209,9 @@ def to_hf(sd):
     out, left = {}, []
     for k, v in sd.items():
         if m := re.fullmatch(r"(.*blocks\.\d+\.attn\.)qkv\.(weight|bias)", k):
-            for c, part in zip("qkv", v.chunk(3)):  # rows [q; k; v], as util.from_hf fuses them
-                out[util.hf_rename(f"{m[1]}{c}.{m[2]}", to_hf=True)] = part.clone()
-        elif name := util.hf_rename(k, to_hf=True):
+            for c, part in zip("qkv", v.chunk(3)):  # rows [q; k; v], as from_hf fuses them
+                out[hf_rename(f"{m[1]}{c}.{m[2]}", to_hf=True)] = part.clone()
+        elif name := hf_rename(k, to_hf=True):
             out[name] = v.contiguous()
         else:
             left.append(k)
@@ -90,14 +219,14 @@ def to_hf(sd):
 
 
 def hf_config(kind, arch, num_classes=0):
-    """config.json for `kind` from our architecture dict (util.HF_CONFIG gives the names)."""
+    """config.json for `kind` from our architecture dict (HF_CONFIG gives the names)."""
     model_type, cls = KINDS[kind]
     cfg = {"architectures": [cls], "model_type": model_type,
            "intermediate_size": round(arch["mlp_ratio"] * arch["embed_dim"]),
            "hidden_act": "gelu", "layer_norm_eps": 1e-6, "qkv_bias": True,
            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
            "initializer_range": 0.02}
-    cfg.update({theirs: arch[ours] for ours, theirs in util.HF_CONFIG if ours in arch})
+    cfg.update({theirs: arch[ours] for ours, theirs in HF_CONFIG if ours in arch})
     if kind == "mae":
         cfg["decoder_intermediate_size"] = round(arch["mlp_ratio"] * arch["decoder_embed_dim"])
     if kind == "classifier":  # transformers counts the classes from id2label

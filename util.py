@@ -212,8 +212,9 @@ def load_checkpoint(path):
     """torch.load with weights_only=True (a checkpoint from the internet cannot run code).
     argparse.Namespace is allow-listed because MAE's own training checkpoints store one."""
     path = Path(path)
-    if path.is_dir():  # a Hugging Face save_pretrained directory (see read_hf_dir)
-        return read_hf_dir(path)
+    if path.is_dir():  # a Hugging Face save_pretrained directory
+        import export_hf  # the Hugging Face reader lives with the writer
+        return export_hf.read_hf_dir(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
@@ -379,7 +380,7 @@ def read_state_dict(path_or_obj, name=None):
     Unwraps {'model'|'module'|'state_dict'|'model_state': ...}, strips the prefix
     that holds the ViT, maps BEiT/VideoMAE's q_bias/v_bias to qkv.bias and drops a
     DeiT/TinyMIM distillation token (its pos_embed row and dist_token), and renames a
-    transformers ViT / ViTMAE (`from_hf`). Keys outside the prefix (a VideoMAE decoder,
+    transformers ViT / ViTMAE (`export_hf.from_hf`). Keys outside the prefix (a VideoMAE decoder,
     a teacher) are kept under their own names, so `load_pretrained` reports them as
     unexpected.
     """
@@ -396,8 +397,9 @@ def read_state_dict(path_or_obj, name=None):
         raise CheckpointError(f"{name}: unknown layout: no state_dict of tensors at the top level "
                               f"or under {'/'.join(WRAPPER_KEYS)} (found {keys})")
     sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
-    if any(k.endswith(HF_PATCH) for k in sd):  # Hugging Face transformers, see from_hf
-        sd = from_hf(sd, name)
+    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):
+        import export_hf  # a Hugging Face transformers ViT / ViTMAE: renamed, q, k, v fused
+        sd = export_hf.from_hf(sd, name)
     prefix = next((p for p in PREFIXES if p + "patch_embed.proj.weight" in sd), None)
     if prefix is None:
         raise CheckpointError(f"{name}: unknown layout: no ViT patch_embed.proj.weight under any "
@@ -608,125 +610,6 @@ def load_pretrained(model, path, allow_missing=None, verbose=True, name=None, ch
         if missing:
             print0(f"  missing (left as initialised): {_group(missing)}")
     return report
-
-
-# Hugging Face transformers: ViTModel, ViTForImageClassification, ViTMAEModel and
-# ViTMAEForPreTraining. One table, read both ways by `hf_rename`: our name, transformers
-# 4.x's, 5.x's (its modules; its save_pretrained writes 4.x's names, which both
-# generations load, so export_hf.py writes those). '{}' is a block index; a row names a
-# module, '.weight' / '.bias' follow. HF's q, k, v are three Linears; ours are one
-# attn.qkv with rows [q; k; v], each head-major as HF's view(heads, head_dim) reads them.
-_HF_BLOCK = (("norm1", "layernorm_before", "layernorm_before"),
-             ("attn.q", "attention.attention.query", "attention.q_proj"),
-             ("attn.k", "attention.attention.key", "attention.k_proj"),
-             ("attn.v", "attention.attention.value", "attention.v_proj"),
-             ("attn.proj", "attention.output.dense", "attention.o_proj"),
-             ("norm2", "layernorm_after", "layernorm_after"),
-             ("mlp.fc1", "intermediate.dense", "mlp.fc1"),
-             ("mlp.fc2", "output.dense", "mlp.fc2"))
-_HF_TOP = (("cls_token", "vit.embeddings.cls_token"),
-           ("pos_embed", "vit.embeddings.position_embeddings"),  # ViTMAE's sin-cos is stored too
-           ("patch_embed.proj", "vit.embeddings.patch_embeddings.projection"),
-           ("norm", "vit.layernorm"), ("head", "classifier"),
-           ("decoder_embed", "decoder.decoder_embed"), ("mask_token", "decoder.mask_token"),
-           ("decoder_pos_embed", "decoder.decoder_pos_embed"),
-           ("decoder_norm", "decoder.decoder_norm"), ("decoder_pred", "decoder.decoder_pred"))
-HF_NAMES = [(ours, hf, hf) for ours, hf in _HF_TOP] + [
-    (f"{ours}.{{}}.{a}", f"{hf4}.{{}}.{b}", f"{hf5}.{{}}.{c}")
-    for ours, hf4, hf5 in (("blocks", "vit.encoder.layer", "vit.layers"),
-                           ("decoder_blocks", "decoder.decoder_layers", "decoder.decoder_layers"))
-    for a, b, c in _HF_BLOCK]
-HF_PATCH = "embeddings.patch_embeddings.projection.weight"  # marks a transformers ViT-like model
-# config.json fields: ours <- theirs. The head counts are the ones the weights cannot show.
-HF_CONFIG = (("embed_dim", "hidden_size"), ("depth", "num_hidden_layers"),
-             ("num_heads", "num_attention_heads"), ("patch_size", "patch_size"),
-             ("img_size", "image_size"), ("in_chans", "num_channels"),
-             ("decoder_embed_dim", "decoder_hidden_size"),
-             ("decoder_depth", "decoder_num_hidden_layers"),
-             ("decoder_num_heads", "decoder_num_attention_heads"),
-             ("norm_pix_loss", "norm_pix_loss"), ("mask_ratio", "mask_ratio"))
-
-
-def hf_rename(key, to_hf=False):
-    """One key through HF_NAMES: a transformers name (either generation) -> ours, or with
-    to_hf ours -> transformers 4.x's. None when no row matches."""
-    for ours, hf4, hf5 in HF_NAMES:
-        for src, dst in ([(ours, hf4)] if to_hf else [(hf4, ours), (hf5, ours)]):
-            pattern = re.escape(src).replace(r"\{\}", r"(?P<i>\d+)") + r"(?P<end>\.weight|\.bias)?"
-            if m := re.fullmatch(pattern, key):
-                return dst.replace("{}", m.groupdict().get("i") or "") + (m["end"] or "")
-    return None
-
-
-def from_hf(sd, name):
-    """A transformers ViT / ViTMAE state_dict in either generation's names -> ours, with
-    q, k, v fused. Keys no row maps (ViTModel's tanh pooler) keep their names, so
-    `load_pretrained` reports them as unexpected; an unknown key inside a block means
-    another model type and is refused."""
-    prefix = next(k[:-len(HF_PATCH)] for k in sd if k.endswith(HF_PATCH))
-    if prefix not in ("", "vit."):  # deit., swin., beit., ...
-        raise CheckpointError(f"{name}: a Hugging Face '{prefix.rstrip('.')}' model; only ViT and "
-                              f"ViTMAE (keys under vit. or bare) are read")
-    out = {}
-    for k, v in sd.items():
-        k = ("vit." + k if not prefix else k).replace(  # ViT(MAE)Model saved alone: no 'vit.'
-            "decoder.decoder_encoder.layer.", "decoder.decoder_layers.")  # 5.x writes this
-        ours = hf_rename(k)
-        in_block = re.match(r"(vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers)\.\d+\.", k)
-        if ours is None and in_block:
-            raise CheckpointError(f"{name}: {k} is not part of a ViT block (another Hugging Face "
-                                  f"model type?)")
-        out[ours or k] = v
-    for key in [k for k in out if k.endswith(".attn.q.weight")]:
-        base = key[:-len("q.weight")]  # blocks.3.attn.
-        for end in (".weight", ".bias"):
-            parts = [out.pop(f"{base}{c}{end}", None) for c in "qkv"]
-            if end == ".bias" and all(p is None for p in parts):  # config qkv_bias=False
-                parts = [torch.zeros_like(out[base + "qkv.weight"][:, 0])]  # the same as no bias
-            elif any(p is None for p in parts):
-                raise CheckpointError(f"{name}: {base}q/k/v{end}: one of the three is missing")
-            out[f"{base}qkv{end}"] = torch.cat(parts)
-    return out
-
-
-def read_hf_dir(path):
-    """A transformers save_pretrained directory (config.json + model.safetensors or
-    pytorch_model.bin) of a ViT or ViTMAE -> {'model': state_dict in our names,
-    'model_config': what config.json records, in our names}. The head counts then come
-    from config.json; a width, depth, patch or image size that disagrees with the
-    weights is refused."""
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: a directory without config.json; give a checkpoint file "
-                              f"or a Hugging Face save_pretrained directory")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
-    if hf.get("model_type") not in ("vit", "vit_mae"):
-        raise CheckpointError(f"{cfg_file}: model_type {hf.get('model_type')!r}; only Hugging Face "
-                              f"ViT ('vit') and ViTMAE ('vit_mae') are read")
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"{cfg_file}: hidden_act {hf['hidden_act']!r}; the ViT here uses "
-                              f"exact GELU ('gelu')")
-    weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin")
-                    if (path / f).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{path}: has config.json but no model.safetensors or "
-                              f"pytorch_model.bin")
-    sd = read_state_dict(load_checkpoint(weights), name=str(weights))
-    arch = infer_vit_config({"model": sd}, name=str(weights))
-    config = {}
-    for ours, theirs in HF_CONFIG:
-        if theirs not in hf:
-            continue
-        value = hf[theirs]
-        value = value[0] if isinstance(value, list) and len(set(value)) == 1 else value  # [224, 224]
-        if ours in arch and "num_heads" not in ours and arch[ours] != value:
-            raise CheckpointError(f"{cfg_file}: {theirs} is {value}, the weights in {weights.name} "
-                                  f"have {arch[ours]}")
-        config[ours] = value
-    return {"model": sd, "model_config": config}
 
 
 # ----------------------------------------------------------------------------
