@@ -380,7 +380,7 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def distilled(hf_dir, tmp_path_factory):
     """One short run of each method with the transformers directory as --teacher."""
-    out, logs = {}, {}
+    out = {}
     for method in dp.METHODS:
         out[method] = tmp_path_factory.mktemp(method)
         dp.main(dp.get_args_parser().parse_args(

@@ -16,7 +16,7 @@ import analyze
 import finetune
 import mae_pretrain
 import util
-from conftest import ROOT, TINY_DATA, error_line, run_script
+from conftest import ROOT, TINY_DATA, run_script
 from vit import VisionTransformer
 
 TINY = [*TINY_DATA, "--patch_size", "8", "--warmup_epochs", "0", "--blr", "1e-3"]
