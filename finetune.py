@@ -36,7 +36,7 @@ encoder_norm and mixer are reported unused; `norm` and the head are fresh) or fr
 with the same recipe and layer decay over its blocks: patch_embed, pos_embed -> 0;
 blocks.i -> i + 1; norm, head.projection -> depth + 1 (util.vit_layer_id reads Hiera's
 names as they are). The input must be a multiple of 32 px (whole mask units); the ViT-only
-flags (--patch_size, --cls_token, --linprobe, --uniform_heads) are refused.
+flags (--patch_size, --cls_token, --linprobe, --uniform_heads, --rel_pos_bias) are refused.
 
 Commands (the built-in synthetic data is used when neither --data_path nor --dataset is given):
     # CPU, about 15 minutes: pre-train, fine-tune (a light recipe), evaluate (README: results)
@@ -96,22 +96,13 @@ Where this differs from the official code (facebookresearch/mae with timm 0.3.2)
   duplicates) and reports top-min(5, classes).
 - Each sample's augmentation is seeded by (seed, epoch, index) (util.py), so a resumed run
   continues exactly. A corrupt image file stops the run with its path (not skipped).
-- --model_ema (not in MAE; DeiT's option): EMA weights evaluated each epoch alongside; the
-  best checkpoint is chosen by the trained model's top-1.
+- --model_ema (not in MAE; DeiT's option): EMA weights evaluated alongside (every
+  --eval_freq epochs); the best checkpoint is chosen by the trained model's top-1.
 - From scratch (no --finetune) the weights get MAE's init (xavier), not DeiT's.
 - --mixup 0.8 / --cutmix 1.0 default to the values MAE's fine-tuning recipe passes
   (FINETUNE.md); the official script's flag defaults are 0 / 0 (off).
 - A TinyMIM relation student keeps its adaptive last block's head count by default; the
   official TinyMIM fine-tuning rebuilds that block with the standard count (--uniform_heads).
-        color_jitter=util.NON_NEGATIVE, train_subset=util.POSITIVE, eval_freq=util.AT_LEAST_1))
-    if args.train_subset is not None and args.train_subset >= 1 and args.train_subset != int(args.train_subset):
-        raise util.ConfigError(f"--train_subset {args.train_subset:g}: a whole number of images per class "
-                               f"(1 or more) or a fraction of each class (below 1)")
-    if args.rel_pos_bias and args.linprobe:
-        raise util.ConfigError("--rel_pos_bias with --linprobe: the frozen tables would stay at zero")
-    if args.model in HIERA_PRESETS:
-        check_hiera_args(args)
-    patch = 32 if args.model in HIERA_PRESETS else args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
 """
 import argparse
 import copy
@@ -164,7 +155,7 @@ def get_args_parser():
     g.add_argument("--rel_pos_bias", action="store_true",
                    help="BEiT's relative position bias in every block, on top of pos_embed (MAE-Lite's "
                         "'impr.+RPE'): one zero-initialised table per block, no weight decay on it; "
-                        "an RPE checkpoint is evaluated at the --input_size it was trained at")
+                        "an RPE checkpoint must be evaluated at the --input_size it was trained at (the tables are not interpolated)")
     g.add_argument("--uniform_heads", action="store_true",
                    help="a TinyMIM relation student's adaptive last block gets the --num_heads split "
                         "of the other blocks (its q/k/v re-split, as the official TinyMIM fine-tuning); "
@@ -556,8 +547,7 @@ def check_args(args):
         raise util.ConfigError("--rel_pos_bias with --linprobe: the frozen tables would stay at zero")
     if args.model in HIERA_PRESETS:
         check_hiera_args(args)
-    patch = 32 if args.model in HIERA_PRESETS else args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)
-    if args.input_size % patch:
+    elif args.input_size % (patch := args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)):
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
     if args.eval and not (args.resume or args.finetune):
         raise util.ConfigError("--eval needs the classifier to evaluate: --resume PATH (or --finetune PATH)")
@@ -567,7 +557,7 @@ def check_args(args):
 
 
 # Flags a Hiera has no use for (it mean-pools into `norm`, has 4-px tokens, no cls token and
-# no TinyMIM block); a flag another version of this file lacks is skipped.
+# no TinyMIM block, no relative position tables).
 VIT_ONLY_FLAGS = {"linprobe": "--linprobe", "patch_size": "--patch_size", "global_pool": "--cls_token",
                   "uniform_heads": "--uniform_heads", "rel_pos_bias": "--rel_pos_bias"}
 
@@ -576,7 +566,7 @@ def check_hiera_args(args):
     """A Hiera: no ViT-only flag, whole 32x32 px mask units."""
     defaults = get_args_parser()
     for flag, name in VIT_ONLY_FLAGS.items():
-        if hasattr(args, flag) and getattr(args, flag) != defaults.get_default(flag):
+        if getattr(args, flag) != defaults.get_default(flag):
             raise util.ConfigError(f"{name} is for a ViT; --model {args.model} is a Hiera (mean of its "
                                    f"tokens -> norm -> head.projection)")
     if args.input_size % 32:
@@ -650,11 +640,13 @@ def main(args):
 
     util.effective_lr(args, dinfo.world_size)
     optimizer = build_optimizer(model, args, device)
+    fixed = FIXED_ON_RESUME + (("seed",) if args.train_subset else ())  # the seed drew the subset
+    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=fixed)
+    # The EMA starts from the weights training continues from: a resumed run's, or its own
+    # saved average when the checkpoint has one (--model_ema may be added on resume).
     ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
     if ema is not None:
         optimizer.register_step_post_hook(lambda *_: ema.update(model))
-    fixed = FIXED_ON_RESUME + (("seed",) if args.train_subset else ())  # the seed drew the subset
-    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=fixed)
     best = None  # the best top-1 so far; None until the first evaluation
     if start_epoch > 0:  # the entries util.resume_checkpoint does not restore
         best = ckpt.get("best_acc1")

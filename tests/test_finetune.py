@@ -177,6 +177,23 @@ def test_resuming_restores_the_ema_and_the_best_accuracy_exactly(tmp_path, mae_c
     assert "test_ema_acc1" in read_log(b)[0]
 
 
+def test_an_ema_added_on_resume_starts_from_the_resumed_weights(tmp_path, mae_checkpoint):
+    """--model_ema first given on resume: the average starts from the weights training
+    continues from (epoch 0's), not from the pre-trained backbone and a fresh head."""
+    out = tmp_path / "run"
+    common = ["--finetune", mae_checkpoint, "--warmup_epochs", "0", "--batch_size", "16", "--blr", "1e-2",
+              "--output_dir", out]
+    finetune.main(parse(*common, "--epochs", "1"))
+    epoch0 = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    finetune.main(parse(*common, "--epochs", "2", "--model_ema", "--model_ema_decay", "0.999999"))
+    ema = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model_ema"]
+    torch.manual_seed(0)  # the fresh head the run started from: finetune seeds before building
+    fresh = finetune.build_model(parse(*common), num_classes=8).state_dict()["head.weight"]
+    trained = (epoch0["head.weight"] - fresh).abs().max()
+    assert trained > 1e-4  # epoch 0 moved the head
+    assert (ema["head.weight"] - epoch0["head.weight"]).abs().max() < 1e-3 * trained
+
+
 def test_linear_probe_changes_only_the_head(tmp_path, mae_checkpoint):
     out = tmp_path / "probe"
     finetune.main(parse("--linprobe", "--finetune", mae_checkpoint, "--epochs", "1", "--warmup_epochs", "0",
