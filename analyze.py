@@ -106,7 +106,8 @@ full image (no mask), at an --input_size that is a multiple of 32:
   averaged over queries, windows and images. Uniform attention differs from block to block
   (its entropy is ln of the keys per window: ln 64 = 4.16 in stage 1's units, ln 196 = 5.28 in
   a 224-px global block at q_pool 3); attention.json records it per block and attention.png
-  draws it as a dotted line. A mask-unit block's distance is bounded by its 32-px unit.
+  draws it as a dotted line. A mask-unit block's distance is bounded by its 32-px unit's
+  diagonal (token centres at most 28 sqrt(2) = 40 px apart).
 - Reconstructions from a checkpoint with its MAE-Hiera decoder (mae_pretrain.reconstruct), at
   --mask_ratio, else the ratio the checkpoint records, else the official Hiera's 0.6.
 """
@@ -162,7 +163,8 @@ def get_args_parser():
                    help="whether the decoder predicts per-patch normalized pixels, when the "
                         "checkpoint does not record it (see the module docstring)")
     g.add_argument("--mask_ratio", type=float, default=None,
-                   help="default: 0.75 for a ViT; a Hiera's recorded ratio, else 0.6")
+                   help="default: the ratio the checkpoint records, else 0.75 for a ViT and 0.6 "
+                        "for a Hiera")
     util.add_data_args(p)
     return p
 
@@ -392,7 +394,7 @@ def build_hiera(path, obj, args, model_name, heads):
     recorded one or a classifier's 3); no norm and no head (a classifier's are reported unused)."""
     if model_name:
         raise util.ConfigError(f"--model names a ViT preset; {path} is a Hiera checkpoint (its "
-                               f"architecture is read from the weights): give 0 or leave it out")
+                               f"architecture is read from the weights): leave --model out")
     if args.patch_size:
         raise util.ConfigError(f"--patch_size is for ViTs; {path} is a Hiera (4-px tokens, 32-px mask units)")
     cfg = dict(infer_hiera_config(obj, name=path), family="Hiera")
@@ -414,13 +416,20 @@ def build_hiera(path, obj, args, model_name, heads):
     return model.eval(), cfg
 
 
+def mask_ratio_for(obj, args, default):
+    """--mask_ratio, else the ratio the checkpoint records (its run's args, or a Hugging Face
+    config.json), else `default`."""
+    recorded = [r.get("mask_ratio") for r in (obj.get(k) for k in ("args", "model_config"))
+                if isinstance(r, dict)] if isinstance(obj, dict) else []
+    return next(r for r in (args.mask_ratio, *recorded, default) if r is not None)
+
+
 def save_hiera_reconstructions(path, name, cfg, args, out, device):
     """Reconstructions of an MAE-Hiera checkpoint (its decoder), one mask decision per unit."""
     from mae_pretrain import MaskedAutoencoderHiera, figure_images, reconstruct, save_reconstruction_figure
     obj = util.load_checkpoint(path)
     norm_pix, why = norm_pix_setting(path, obj, args.norm_pix_loss)
-    run = obj.get("args") if isinstance(obj, dict) and isinstance(obj.get("args"), dict) else {}
-    ratio = next(r for r in (args.mask_ratio, run.get("mask_ratio"), 0.6) if r is not None)
+    ratio = mask_ratio_for(obj, args, 0.6)
     mae = MaskedAutoencoderHiera(
         img_size=args.input_size, in_chans=cfg["in_chans"], embed_dim=cfg["embed_dim"],
         num_heads=cfg["num_heads"], stages=cfg["stages"], q_pool=cfg["q_pool"], mlp_ratio=cfg["mlp_ratio"],
@@ -627,7 +636,7 @@ def save_reconstructions(path, name, cfg, args, out, device):
     mae = mae.to(device).eval()
     imgs = figure_images(args).to(device)
     noise = torch.rand(imgs.shape[0], mae.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    ratio = 0.75 if args.mask_ratio is None else args.mask_ratio
+    ratio = mask_ratio_for(obj, args, 0.75)
     parts = reconstruct(mae, imgs, ratio, noise.to(device))
     targets = "norm-pix predictions de-normalized per patch" if norm_pix else "pixel targets"
     save_reconstruction_figure(out, imgs, *parts, title=f"{name}: mask ratio {ratio}, {targets}")

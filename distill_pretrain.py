@@ -1,7 +1,8 @@
 """Distillation during pre-training: a lightweight ViT learns from a frozen, bigger MIM teacher.
 
-Three methods and one baseline, one flag apart (--method). The teacher is any ViT checkpoint
-util can read (official MAE, timm, this project's MAE and distilled students).
+Four methods and one baseline, one flag apart (--method). The teacher is any ViT checkpoint
+util can read (official MAE, timm, Hugging Face, this project's MAE and distilled students);
+with --method attn, the student and the teacher may both be MAE-Hieras instead (see Hiera below).
 
 attn -- MAE-Lite's D-MAE (Wang et al., ICML 2023). The student is an MAE (mask 0.75, norm-pix
     loss, a 96-wide 1-block decoder); the teacher encodes the SAME kept tokens. The student's
@@ -25,7 +26,8 @@ amd -- AMD (Zhao et al., CVPR 2024). One permutation per sample: the student kee
                  gen_l    = MSE(G_l([P_l s_l + pos ; m_l + pos])[extra], t_l[extra])
                  loss = pixel + w * (mean_l direct_l + mean_l gen_l)
     s_l, t_l: raw block outputs (no norm, as the official code); G_l: 2 blocks at the
-    teacher's width; m_l: a learned mask token; pos: fixed sin-cos.
+    teacher's width; m_l: a learned mask token; pos: AMD's fixed 1-D sinusoid table over the
+    raster patch index (VideoMAE's `get_sinusoid_encoding_table`, not MAE's 2-D grid sin-cos).
 feature -- TinyMIM's feature-distillation baseline: smooth-L1 (beta 2) between Linear(student
     output) and the teacher's block-k output through a LayerNorm without affine parameters.
 d2 -- D²-MAE, MAE-Lite's decoupled distillation (Gao et al., IJCV 2025). attn asks the student's
@@ -167,7 +169,8 @@ def get_args_parser():
     g.add_argument("--input_size", type=int, default=224)
     g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
     g.add_argument("--num_heads", type=int, default=None,
-                   help="override the student's head count (MAE-Lite's tiny: 12, TinyMIM's: 6)")
+                   help="override the student's head count (MAE-Lite's tiny: 12, TinyMIM's: 6; a Hiera: its "
+                        "first stage's, doubling per stage)")
     g.add_argument("--mask_ratio", type=float, default=None,
                    help="the student's (attn, amd, d2); default 0.75 of the patches for a ViT, 0.4 of "
                         "the mask units for a Hiera (MAE-Lite's Hiera recipe)")
@@ -207,7 +210,7 @@ def get_args_parser():
     g.add_argument("--distill_weight", type=float, default=1.0,
                    help="weight of the distillation loss added to the pixel loss (attn, amd, d2)")
     util.add_optim_args(p, batch_size=64, epochs=300, warmup_epochs=15, blr=1.5e-4, weight_decay=0.05)
-    util.add_data_args(p)
+    util.add_data_args(p, gpu_decode=True)
     util.add_run_args(p, output_dir="runs/distill")
     return p
 
@@ -265,7 +268,7 @@ class AttentionDistillLoss(nn.Module):
 class FeatureGenerator(nn.Module):
     """AMD's generator for one aligned layer: `depth` ViT blocks at the teacher's width D
     (D/64 heads) that see the projected student tokens and a mask token at each extra
-    position, both with fixed sin-cos positions, and predict the teacher's features there.
+    position, both with AMD's fixed 1-D sinusoid positions, and predict the teacher's features there.
 
     visible (B, ns, D), pos_visible (B, ns, D), pos_extra (B, ne, D) -> (B, ne, D)
     """
@@ -290,7 +293,7 @@ class AMDAlignment(nn.Module):
 
     student: list of (B, ns, Ds) student block outputs at the student-visible patches
     teacher: list of (B, ns + ne, Dt) teacher block outputs at [student-visible ; extra]
-    ids_visible (B, ns), ids_extra (B, ne): patch indices (their sin-cos positions)
+    ids_visible (B, ns), ids_extra (B, ne): patch indices (their sinusoid-table positions)
         direct = mean_l MSE(P_l s_l, t_l[:, :ns])
         gen    = mean_l MSE(G_l(P_l s_l, pos[ids_visible], pos[ids_extra]), t_l[:, ns:])
     Returns (direct, gen).
@@ -373,7 +376,8 @@ def asymmetric_masking(batch_size, num_patches, student_ratio, teacher_ratio, ge
     as MAE's random_masking) cut twice. The student keeps ns patches, the teacher nt > ns
     (amd_keep_counts): the student's and then the extra ones.
 
-    noise: optional (B, L) (e.g. util.per_sample_uniform); else drawn with `generator`.
+    noise: optional (B, L), each row the sample's own (util.sample_noise, drawn in the data
+    worker); else drawn with `generator`.
     Returns (student_keep (B, ns), teacher_extra (B, nt - ns)), disjoint patch indices.
     """
     if noise is None:
@@ -788,7 +792,7 @@ class TwoViews:
 FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "method", "teacher", "teacher_model", "teacher_num_heads",
                    "teacher_layer", "student_layers", "teacher_layers", "decoder_embed_dim",
                    "decoder_depth", "decoder_num_heads", "norm_pix_loss", "mask_ratio",
-                   "teacher_mask_ratio", "decode_layer")
+                   "teacher_mask_ratio", "decode_layer", "distill_weight")
 
 
 def masked_step(model, batch, *, teacher):
@@ -824,7 +828,8 @@ def check_args(args):
     if args.input_size % patch:
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
     L = (args.input_size // patch) ** 2
-    if args.method == "amd" and len(set(amd_keep_counts(L, args.mask_ratio, args.teacher_mask_ratio))) < 2:
+    if args.method == "amd" and amd_keep_counts(L, args.mask_ratio, args.teacher_mask_ratio)[1] <= \
+            amd_keep_counts(L, args.mask_ratio, args.teacher_mask_ratio)[0]:
         raise util.ConfigError(f"--teacher_mask_ratio {args.teacher_mask_ratio} must keep more of the "
                                f"{L} patches than --mask_ratio {args.mask_ratio}")
     if args.method in ("attn", "amd", "d2"):  # the defaults are recorded with the run's args
@@ -860,7 +865,7 @@ def check_hiera_args(args):
     for i, flag in enumerate(("decoder_embed_dim", "decoder_depth", "decoder_num_heads")):
         setattr(args, flag, getattr(args, flag) or decoder_size("attn", preset["embed_dim"])[i])
     check_widths(preset["embed_dim"], args.num_heads or preset["num_heads"], args.decoder_embed_dim,
-                 args.decoder_num_heads, f"--model {args.model}")
+                 args.decoder_num_heads, f"--model {args.model}", sincos=False)
     return 32
 
 

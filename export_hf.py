@@ -293,7 +293,8 @@ def export(path, out_dir, kind="auto", num_heads=None, norm_pix_loss=None, mask_
             raise util.CheckpointError(f"{path}: norm_pix_loss is not recorded; pass "
                                        f"--norm_pix_loss or --no-norm_pix_loss")
         arch.update(norm_pix_loss=norm_pix_loss,
-                    mask_ratio=mask_ratio if mask_ratio is not None else run.get("mask_ratio", 0.75))
+                    mask_ratio=next((r for r in (mask_ratio, record.get("mask_ratio"), run.get("mask_ratio"))
+                                     if r is not None), 0.75))
     else:  # only an MAE has these fields in transformers' config
         arch = {k: v for k, v in arch.items() if not k.startswith("decoder_")}
     keep = ENCODER + (DECODER if kind == "mae" else ()) + (("head.",) if kind == "classifier" else ())

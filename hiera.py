@@ -293,9 +293,9 @@ class Hiera(nn.Module):
         how stage maps are rerolled (per kept unit, or the full raster map)."""
         last = stop_at if stop_at is not None else self.depth
         asked = set(layers) | set(attn) | set(norm1)
-        last_stage = max(stages, default=1)
         if not 1 <= last <= self.depth or any(not 1 <= k <= last for k in asked) or \
-                any(not 1 <= s <= 4 for s in stages) or self.stage_ends[last_stage - 1] >= last:
+                any(not 1 <= s <= 4 for s in stages) or \
+                (stages and self.stage_ends[max(stages) - 1] >= last):  # a stage asked for ends later
             raise ValueError(f"blocks must lie in 1..{last} (depth {self.depth}) and stages in 1..4 "
                              f"ending by then; got stop_at={stop_at}, taps at {sorted(asked)}, "
                              f"stages {sorted(stages)}")

@@ -84,7 +84,7 @@ def get_args_parser():
     g.add_argument("--min_crop_scale", type=float, default=0.2,
                    help="RandomResizedCrop scale=(min, 1): 0.2 MAE, 0.08 MAE-Lite tiny")
     util.add_optim_args(p, batch_size=64, epochs=400, warmup_epochs=40, blr=1.5e-4, weight_decay=0.05)
-    util.add_data_args(p)
+    util.add_data_args(p, gpu_decode=True)
     util.add_run_args(p, output_dir="runs/mae")
     return p
 
@@ -152,7 +152,7 @@ class MaskedAutoencoderViT(VisionTransformer):
                            decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio,
                            norm_pix_loss=norm_pix_loss, decode_layer=decode_layer)
         self.patch_size, self.norm_pix_loss = patch_size, norm_pix_loss
-        self.decode_layer = decode_layer or depth
+        self.decode_layer = depth if decode_layer is None else decode_layer
         if not 1 <= self.decode_layer <= depth:
             raise ValueError(f"decode_layer {decode_layer} is not a block of the {depth}-block encoder")
         n = self.num_patches
@@ -527,18 +527,26 @@ def check_args(args):
         if args.input_size % 32:
             raise util.ConfigError(f"--input_size {args.input_size}: a Hiera needs a multiple of 32 "
                                    f"(whole 32x32 px mask units)")
+        units = (args.input_size // 32) ** 2
+        if int(units * (1 - args.mask_ratio)) < 1:
+            raise util.ConfigError(f"--mask_ratio {args.mask_ratio} keeps none of the {units} mask units of "
+                                   f"a {args.input_size} px image: lower it or raise --input_size")
     elif args.input_size % (args.patch_size or preset.get("patch_size", 16)):
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size "
                                f"{args.patch_size or preset.get('patch_size', 16)}")
     check_widths(preset["embed_dim"], preset["num_heads"], preset["decoder_embed_dim"],
-                 preset["decoder_num_heads"], f"--model {args.model}")
+                 preset["decoder_num_heads"], f"--model {args.model}", sincos=not hiera)
 
 
-def check_widths(width, heads, decoder_width, decoder_heads, model):
-    """Head counts must divide the widths; the fixed sin-cos embeddings need multiples of 4."""
+def check_widths(width, heads, decoder_width, decoder_heads, model, sincos=True):
+    """Head counts must divide the widths; the ViT decoder's fixed sin-cos embedding needs a
+    multiple of 4 (a Hiera's decoder positions are learned: sincos=False)."""
     if width % heads:
         raise util.ConfigError(f"--num_heads {heads} does not divide the width {width} of {model}")
-    if decoder_width % decoder_heads or decoder_width % 4:
+    if decoder_width % decoder_heads:
+        raise util.ConfigError(f"--decoder_embed_dim {decoder_width} is not divisible by "
+                               f"--decoder_num_heads {decoder_heads}")
+    if sincos and decoder_width % 4:
         raise util.ConfigError(f"--decoder_embed_dim {decoder_width} must be divisible by "
                                f"--decoder_num_heads {decoder_heads} and by 4 (its sin-cos position "
                                f"embedding)")

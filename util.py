@@ -397,8 +397,8 @@ def read_state_dict(path_or_obj, name=None):
         raise CheckpointError(f"{name}: unknown layout: no state_dict of tensors at the top level "
                               f"or under {'/'.join(WRAPPER_KEYS)} (found {keys})")
     sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
-    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):
-        import export_hf  # a Hugging Face transformers ViT / ViTMAE: renamed, q, k, v fused
+    import export_hf  # the Hugging Face reader
+    if any(k.endswith(export_hf.HF_PATCH) for k in sd):  # a transformers ViT / ViTMAE: renamed, q, k, v fused
         sd = export_hf.from_hf(sd, name)
     prefix = next((p for p in PREFIXES if p + "patch_embed.proj.weight" in sd), None)
     if prefix is None:
@@ -1092,11 +1092,6 @@ def sample_noise(seed, n):
     return torch.rand(n, generator=torch.Generator().manual_seed(int(seed) ^ 0x5DEECE66D))
 
 
-def per_sample_uniform(seeds, n, device):
-    """(B,) sample seeds -> (B, n) uniform noise; row b is sample_noise(seeds[b], n)."""
-    return torch.stack([sample_noise(s, n) for s in seeds.tolist()]).to(device)
-
-
 @dataclass
 class EncodedCrop:
     """What a worker sends for --gpu_decode: the file's JPEG bytes (1-D uint8) or, for a
@@ -1176,7 +1171,7 @@ def build_train_loader(dataset, args, dinfo, noise=0):
 # Shared command-line flags (the official MAE scripts' names)
 
 
-def add_data_args(parser):
+def add_data_args(parser, gpu_decode=False):
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ "
                    "(ImageNet layout), or where CIFAR is stored; empty: the built-in synthetic data")
@@ -1189,8 +1184,9 @@ def add_data_args(parser):
     g.add_argument("--synthetic_samples", type=int, default=2048,
                    help="training images of the synthetic dataset (val: a quarter)")
     g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
-    g.add_argument("--gpu_decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG): "
-                   "workers send file bytes and crop boxes, the GPU decodes, crops and resizes")
+    if gpu_decode:  # the stages whose augmentation is MAE's crop + flip alone
+        g.add_argument("--gpu_decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG): "
+                       "workers send file bytes and crop boxes, the GPU decodes, crops and resizes")
     return g
 
 
@@ -1424,6 +1420,9 @@ def benchmark(args, model, loader, optimizer, step_fn, device, autocast=nullcont
     --benchmark_data BATCHES: only the real loader (and the GPU decode), img/s per worker.
     Returns False when neither is asked for."""
     if args.benchmark_data:
+        if len(loader) < args.benchmark_data + 1:  # the first batch is not timed
+            raise ConfigError(f"--benchmark_data {args.benchmark_data}: this process's loader has "
+                              f"{len(loader)} batches of {args.batch_size}; give at most {len(loader) - 1}")
         it, t0, images = iter(loader), None, 0
         for i in tqdm(range(args.benchmark_data + 1), desc="reading", disable=not is_main_process()):
             imgs = to_device(next(it), device)[0]
@@ -1435,7 +1434,8 @@ def benchmark(args, model, loader, optimizer, step_fn, device, autocast=nullcont
         sync(device)
         rate = images / (time.perf_counter() - t0)
         report = dict(mode="data", images=images, img_per_s=rate, num_workers=args.num_workers,
-                      img_per_s_per_worker=rate / max(args.num_workers, 1), gpu_decode=args.gpu_decode)
+                      img_per_s_per_worker=rate / max(args.num_workers, 1),
+                      gpu_decode=getattr(args, "gpu_decode", False))
         print0(f"data: {rate:.0f} img/s with {args.num_workers} workers "
                f"({report['img_per_s_per_worker']:.0f} per worker) on this process's shard")
     elif args.benchmark:

@@ -1,5 +1,6 @@
 """analyze.py: CKA and HSIC_1 against reference values and independent formulas, the
 attention statistics on attention maps whose answer is known, and the command itself."""
+import argparse
 import json
 import math
 
@@ -258,3 +259,12 @@ def test_an_encoder_only_checkpoint_is_analysed_without_reconstructions(encoder_
 ])
 def test_norm_pix_loss_comes_from_the_record_then_the_flag_then_the_file_name(name, record, flag, expected):
     assert analyze.norm_pix_setting(name, record, flag)[0] is expected
+
+
+def test_reconstructions_mask_the_ratio_the_checkpoint_records_unless_told():
+    given, unset = argparse.Namespace(mask_ratio=0.9), argparse.Namespace(mask_ratio=None)
+    ours, hf = {"model": {}, "args": {"mask_ratio": 0.5}}, {"model": {}, "model_config": {"mask_ratio": 0.6}}
+    assert analyze.mask_ratio_for(ours, unset, 0.75) == 0.5  # a run from here records its args
+    assert analyze.mask_ratio_for(hf, unset, 0.75) == 0.6  # a Hugging Face config.json
+    assert analyze.mask_ratio_for({"model": {}}, unset, 0.75) == 0.75
+    assert analyze.mask_ratio_for(ours, given, 0.75) == 0.9

@@ -397,6 +397,8 @@ def test_a_teacher_that_does_not_fit_stops_before_training_naming_file_and_reaso
      "--teacher_mask_ratio is for --method amd, not relation"),
     (["--method", "amd", "--teacher_mask_ratio", "0.75"],
      "--teacher_mask_ratio 0.75 must keep more of the 4 patches"),
+    (["--method", "amd", "--mask_ratio", "0.5", "--teacher_mask_ratio", "0.75"],  # reversed: fewer
+     "--teacher_mask_ratio 0.75 must keep more of the 4 patches than --mask_ratio 0.5"),
 ])
 def test_flags_that_cannot_work_are_refused_at_start(tmp_path, flags, message):
     with pytest.raises(util.ConfigError) as e:

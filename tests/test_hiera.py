@@ -420,3 +420,25 @@ def test_architecture_is_inferred_from_hiera_weights(tmp_path):
                                 "decoder_num_heads", "heads_inferred")} == \
         dict(embed_dim=46, stages=[1, 2, 7, 2], q_pool=2, decoder_embed_dim=32, decoder_depth=1,
              decoder_num_heads=2, heads_inferred=False)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--input_size", "32"], "--mask_ratio 0.6 keeps none of the 1 mask units of a 32 px image"),
+    (["--input_size", "64", "--mask_ratio", "0.9"], "--mask_ratio 0.9 keeps none of the 4 mask units"),
+])
+def test_an_mae_hiera_that_would_keep_no_mask_unit_is_refused_at_start(flags, message):
+    import mae_pretrain
+    args = mae_pretrain.get_args_parser().parse_args(["--model", "mae_hiera_tiny", *flags])
+    with pytest.raises(util.ConfigError, match=message):
+        mae_pretrain.check_args(args)
+
+
+def test_an_mae_hiera_decoder_needs_no_multiple_of_4_its_positions_are_learned():
+    import mae_pretrain
+    args = mae_pretrain.get_args_parser().parse_args(
+        ["--model", "mae_hiera_tiny", "--input_size", "64", "--decoder_embed_dim", "90", "--decoder_num_heads", "3"])
+    mae_pretrain.check_args(args)  # a ViT's sin-cos decoder positions would refuse 90
+    vit = mae_pretrain.get_args_parser().parse_args(["--input_size", "32", "--decoder_embed_dim", "90",
+                                                     "--decoder_num_heads", "3"])
+    with pytest.raises(util.ConfigError, match="and by 4"):
+        mae_pretrain.check_args(vit)

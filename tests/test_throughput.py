@@ -294,3 +294,23 @@ def test_the_benchmark_mode_writes_throughput_flops_mfu_and_memory(tmp_path):
     assert 0.1 < report["gflops_per_image"] < 1.0
     assert report["mfu"] == pytest.approx(report["tflops_per_device"] / 1.0)
     assert not (tmp_path / "checkpoint.pth").exists()  # nothing was trained or saved
+
+
+def test_the_data_benchmark_counts_the_images_it_read_and_refuses_more_batches_than_there_are(tmp_path):
+    common = [*TINY_DATA, "--patch_size", "8", "--synthetic_samples", "64", "--batch_size", "16",
+              "--num_workers", "0"]
+    proc = run_script("mae_pretrain.py", *common, "--benchmark_data", "3", "--output_dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["mode"] == "data" and report["images"] == 3 * 16  # the first batch is not timed
+    proc = run_script("mae_pretrain.py", *common, "--benchmark_data", "4", "--output_dir", tmp_path / "b")
+    assert proc.returncode == 1
+    assert error_line(proc) == ("error: --benchmark_data 4: this process's loader has 4 batches of 16; "
+                                "give at most 3")
+
+
+def test_stages_that_augment_on_the_cpu_have_no_gpu_decode_flag(capsys):
+    for stage, positional in ((finetune, []), (__import__("analyze"), ["a.pth"])):
+        with pytest.raises(SystemExit):
+            stage.get_args_parser().parse_args([*positional, "--gpu_decode"])
+        assert "unrecognized arguments: --gpu_decode" in capsys.readouterr().err

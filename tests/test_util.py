@@ -73,13 +73,6 @@ def test_seeded_samples_repeat_per_epoch_and_index_and_differ_across_epochs():
     assert not torch.equal(s1, s3) and not torch.equal(x1, x3)
 
 
-def test_per_sample_noise_rows_depend_only_on_their_own_seed():
-    a = util.per_sample_uniform(torch.tensor([11, 22, 33]), 10, "cpu")
-    b = util.per_sample_uniform(torch.tensor([33, 11]), 10, "cpu")
-    assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0])
-    assert not torch.equal(a[0], a[1])
-
-
 def test_the_global_batch_is_the_same_split_over_two_ranks():
     """Rank r's batch b holds global positions r, r+2, ... of the 1-process batch b."""
     ds = list(range(40))
