@@ -547,9 +547,8 @@ def check_widths(width, heads, decoder_width, decoder_heads, model, sincos=True)
         raise util.ConfigError(f"--decoder_embed_dim {decoder_width} is not divisible by "
                                f"--decoder_num_heads {decoder_heads}")
     if sincos and decoder_width % 4:
-        raise util.ConfigError(f"--decoder_embed_dim {decoder_width} must be divisible by "
-                               f"--decoder_num_heads {decoder_heads} and by 4 (its sin-cos position "
-                               f"embedding)")
+        raise util.ConfigError(f"--decoder_embed_dim {decoder_width} must be divisible by 4 (its "
+                               f"sin-cos position embedding)")
 
 
 def build_mae(args):

@@ -440,5 +440,5 @@ def test_an_mae_hiera_decoder_needs_no_multiple_of_4_its_positions_are_learned()
     mae_pretrain.check_args(args)  # a ViT's sin-cos decoder positions would refuse 90
     vit = mae_pretrain.get_args_parser().parse_args(["--input_size", "32", "--decoder_embed_dim", "90",
                                                      "--decoder_num_heads", "3"])
-    with pytest.raises(util.ConfigError, match="and by 4"):
+    with pytest.raises(util.ConfigError, match="90 must be divisible by 4"):
         mae_pretrain.check_args(vit)

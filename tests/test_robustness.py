@@ -105,7 +105,8 @@ def test_weights_sent_beyond_float32_by_one_step_are_not_saved(tmp_path):
     (["--synthetic_samples", "-5"], "--synthetic_samples must be at least 1, got -5"),
     (["--save_every", "-2"], "--save_every must be 0 or more, got -2"),
     (["--min_crop_scale", "0"], "--min_crop_scale must lie in (0, 1], got 0.0"),
-    (["--decoder_embed_dim", "90"], "--decoder_embed_dim 90 must be divisible by --decoder_num_heads 3 and by 4"),
+    (["--decoder_embed_dim", "90"], "--decoder_embed_dim 90 must be divisible by 4 (its sin-cos position embedding)"),
+    (["--decoder_embed_dim", "100"], "--decoder_embed_dim 100 is not divisible by --decoder_num_heads 3"),
     (["--num_heads", "5"], "--num_heads 5 does not divide the width 192 of --model mae_vit_tiny"),
 ])
 def test_a_numeric_flag_out_of_range_is_refused_naming_it(tmp_path, flags, message):
