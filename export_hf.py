@@ -116,7 +116,7 @@ def from_hf(sd, name):
     prefix = next(k[:-len(HF_PATCH)] for k in sd if k.endswith(HF_PATCH))
     if prefix not in ("", "vit."):  # deit., swin., beit., ...
         raise util.CheckpointError(f"{name}: a Hugging Face '{prefix.rstrip('.')}' model; only ViT and "
-                              f"ViTMAE (keys under vit. or bare) are read")
+                                   f"ViTMAE (keys under vit. or bare) are read")
     out = {}
     for k, v in sd.items():
         k = ("vit." + k if not prefix else k).replace(  # ViT(MAE)Model saved alone: no 'vit.'
@@ -125,7 +125,7 @@ def from_hf(sd, name):
         in_block = re.match(r"(vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers)\.\d+\.", k)
         if ours is None and in_block:
             raise util.CheckpointError(f"{name}: {k} is not part of a ViT block (another Hugging Face "
-                                  f"model type?)")
+                                       f"model type?)")
         out[ours or k] = v
     for key in [k for k in out if k.endswith(".attn.q.weight")]:
         base = key[:-len("q.weight")]  # blocks.3.attn.
@@ -148,22 +148,22 @@ def read_hf_dir(path):
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise util.CheckpointError(f"{path}: a directory without config.json; give a checkpoint file "
-                              f"or a Hugging Face save_pretrained directory")
+                                   f"or a Hugging Face save_pretrained directory")
     try:
         hf = json.loads(cfg_file.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise util.CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     if hf.get("model_type") not in ("vit", "vit_mae"):
         raise util.CheckpointError(f"{cfg_file}: model_type {hf.get('model_type')!r}; only Hugging Face "
-                              f"ViT ('vit') and ViTMAE ('vit_mae') are read")
+                                   f"ViT ('vit') and ViTMAE ('vit_mae') are read")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise util.CheckpointError(f"{cfg_file}: hidden_act {hf['hidden_act']!r}; the ViT here uses "
-                              f"exact GELU ('gelu')")
+                                   f"exact GELU ('gelu')")
     weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin")
                     if (path / f).is_file()), None)
     if weights is None:
         raise util.CheckpointError(f"{path}: has config.json but no model.safetensors or "
-                              f"pytorch_model.bin")
+                                   f"pytorch_model.bin")
     sd = util.read_state_dict(util.load_checkpoint(weights), name=str(weights))
     arch = util.infer_vit_config({"model": sd}, name=str(weights))
     config = {}
@@ -174,7 +174,7 @@ def read_hf_dir(path):
         value = value[0] if isinstance(value, list) and len(set(value)) == 1 else value  # [224, 224]
         if ours in arch and "num_heads" not in ours and arch[ours] != value:
             raise util.CheckpointError(f"{cfg_file}: {theirs} is {value}, the weights in {weights.name} "
-                                  f"have {arch[ours]}")
+                                       f"have {arch[ours]}")
         config[ours] = value
     return {"model": sd, "model_config": config}
 
