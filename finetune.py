@@ -620,6 +620,10 @@ def main(args):
     elif lbh:
         print0(f"{source}: its last block has {lbh} heads (a TinyMIM relation student), as the model's "
                f"(--uniform_heads: the --num_heads split in every block, as the official TinyMIM code)")
+    elif args.uniform_heads:
+        what = f"{source} has" if source else "training from scratch, the model has"
+        print0(f"--uniform_heads: {what} no adaptive last block (it is for a TinyMIM relation "
+               f"student); nothing to re-split")
     torch.manual_seed(args.seed)  # the same initial weights (and head) on every rank
     model = build_model(args, num_classes, last_block_heads=lbh)
     autocast, scaler = util.amp_setup(args.precision, device)

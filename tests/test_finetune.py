@@ -359,6 +359,12 @@ def test_uniform_heads_resplits_a_relation_students_last_block_keeping_its_weigh
     assert torch.allclose(qkv, student.state_dict()["blocks.11.attn.qkv.weight"], atol=1e-6)
 
 
+def test_uniform_heads_on_a_checkpoint_without_an_adaptive_block_says_so(tmp_path, mae_checkpoint, capsys):
+    finetune.main(parse("--finetune", mae_checkpoint, "--uniform_heads", "--epochs", "1", "--warmup_epochs",
+                        "0", "--batch_size", "16", "--output_dir", tmp_path / "run"))
+    assert f"--uniform_heads: {mae_checkpoint} has no adaptive last block" in capsys.readouterr().out
+
+
 # -- --train_subset and --eval_freq (the data-scale study) ------------------------------
 
 
