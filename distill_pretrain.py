@@ -828,8 +828,8 @@ def check_args(args):
     if args.input_size % patch:
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
     L = (args.input_size // patch) ** 2
-    student_keeps, teacher_keeps = amd_keep_counts(L, args.mask_ratio, args.teacher_mask_ratio)
-    if args.method == "amd" and teacher_keeps <= student_keeps:
+    if args.method == "amd" and \
+            (keeps := amd_keep_counts(L, args.mask_ratio, args.teacher_mask_ratio))[1] <= keeps[0]:
         raise util.ConfigError(f"--teacher_mask_ratio {args.teacher_mask_ratio} must keep more of the "
                                f"{L} patches than --mask_ratio {args.mask_ratio}")
     if args.method in ("attn", "amd", "d2"):  # the defaults are recorded with the run's args
