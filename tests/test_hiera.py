@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import hiera
 import util
+from conftest import MAE_HIERA_ONLY
 from hiera import Hiera, create_hiera, reroll, unroll
 from mae_pretrain import (MaskedAutoencoderHiera, create_mae_hiera, patchify_hiera,
                           random_unit_mask, reconstruct)
@@ -271,12 +272,14 @@ def test_loss_ignores_predictions_at_kept_units_and_norm_pix_is_unbiased():
     assert base.item() == pytest.approx(manual.item(), rel=1e-6)
 
 
+
 def test_encoder_latent_is_the_fusion_of_timms_rerolled_stages():
     timm_hiera = pytest.importorskip("timm.models.hiera")
     mae = small_mae()
     ref = timm_hiera.Hiera(img_size=IMG, num_classes=0, q_pool=2, **STUDENT).eval()
     result = ref.load_state_dict(mae.state_dict(), strict=False)
     assert sorted(result.missing_keys) == ["head.norm.bias", "head.norm.weight"]
+    assert {k.split(".")[0] for k in result.unexpected_keys} == MAE_HIERA_ONLY  # nothing of the encoder skipped
     keep = keep_two_of_four()
     with torch.no_grad():
         latent, _ = mae.forward_encoder(IMGS, keep)

@@ -14,7 +14,7 @@ import analyze
 import distill_pretrain as dp
 import finetune
 import util
-from conftest import error_line, run_script
+from conftest import MAE_HIERA_ONLY, error_line, run_script
 from hiera import Hiera, create_hiera, reroll
 from mae_pretrain import MaskedAutoencoderHiera, random_unit_mask
 from vit import VisionTransformer
@@ -74,7 +74,9 @@ def timm_last_block_logits(model, imgs, keep, config):
     hook, then norm1, qkv (channels (3, heads, head_dim), one window) and q k^T / sqrt(d)."""
     timm_hiera = pytest.importorskip("timm.models.hiera")
     ref = timm_hiera.Hiera(img_size=IMG, num_classes=0, q_pool=2, **config).eval()
-    ref.load_state_dict(model.state_dict(), strict=False)
+    result = ref.load_state_dict(model.state_dict(), strict=False)  # an MAE-Hiera: its decoder is left out
+    assert sorted(result.missing_keys) == ["head.norm.bias", "head.norm.weight"]
+    assert {k.split(".")[0] for k in result.unexpected_keys} <= MAE_HIERA_ONLY
     blk, seen = ref.blocks[-1], {}
     handle = blk.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
     with torch.no_grad():
