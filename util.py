@@ -31,6 +31,7 @@ import re
 import resource
 import sys
 import tempfile
+import traceback
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -70,19 +71,45 @@ def run_main(main, parser):
     """Parse arguments and run `main(args)`. A UserError ends it with one line on stderr and
     exit status 1; Ctrl-C with one line saying what checkpoint.pth holds and status 130."""
     args = parser.parse_args()
+    code = 0
     try:
         main(args)
-    except (UserError, KeyboardInterrupt) as e:
+    except (UserError, KeyboardInterrupt, dist.DistBackendError) as e:
         for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open by an error raised
             bar.close()  # mid-epoch (a corrupt image) would otherwise share the message's line
         if isinstance(e, KeyboardInterrupt):
             print(f"interrupted. {last_good(args)}", file=sys.stderr, flush=True)
-            sys.exit(130)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            code = 130
+        elif isinstance(e, dist.DistBackendError):  # a peer process stopped: its own line says why
+            print(f"error: lost contact with another process ({(str(e).splitlines() or [''])[0][:120]})",
+                  file=sys.stderr, flush=True)
+            code = 1
+        else:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            code = 1
+    except BaseException:
+        if not dist.is_initialized():
+            raise
+        traceback.print_exc()  # a bug: the whole traceback, then the same clean exit below
+        code = 1
+    finish(code)
+
+
+def finish(code):
+    """End the process with `code`. With a process group: destroy it, flush, and leave with
+    os._exit, skipping the interpreter's teardown. torch keeps the default gloo group alive
+    past destroy_process_group when torch._dynamo was imported after init (torchvision and
+    torch.compile import it), and its worker threads, still releasing the last collective's
+    tensors, then abort the process at teardown ("terminate called without an active
+    exception", SIGABRT) on a busy machine. Everything the run writes is closed or fsynced
+    by then."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 # ----------------------------------------------------------------------------

@@ -200,8 +200,8 @@ for compiled in (False, True):
                         args, nullcontext, None, last_micro=(i + 1) % 2 == 0)
     counts["compiled" if compiled else "eager"] = len(calls)
 if dist.get_rank() == 0:
-    print("COUNTS", json.dumps(counts))
-dist.destroy_process_group()
+    print("COUNTS", json.dumps(counts), flush=True)
+util.finish(0)  # the stages' own shutdown (a plain destroy_process_group can abort at teardown)
 ''')
     proc = run_torchrun(2, script)
     assert proc.returncode == 0, proc.stderr[-2000:]
