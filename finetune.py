@@ -1,106 +1,46 @@
-"""Fine-tuning and linear probing: turn a pre-trained ViT into a measured classifier,
-with the recipes of MAE (He et al., CVPR 2022) and MAE-Lite (Wang et al., ICML 2023).
+"""Fine-tuning and linear probing: turn a pre-trained ViT into a measured classifier, with the
+recipes of MAE (He et al., CVPR 2022) and MAE-Lite (Wang et al., ICML 2023).
 
-Fine-tuning trains every weight, starting from the pre-trained encoder and a fresh
-head (trunc-normal std 2e-5), with mean pooling + fc_norm over the patch tokens (or the
-cls token with --cls_token), strong augmentation and layer-wise lr decay: blocks near
-the input, which pre-training taught well, move less than those near the head.
+Fine-tuning trains every weight, from the pre-trained encoder and a fresh head (trunc-normal
+std 2e-5), with mean pooling + fc_norm over the patch tokens (or the cls token with
+--cls_token), strong augmentation and layer-wise lr decay: blocks near the input, which
+pre-training taught well, move less than those near the head.
 
     lr(p) = lr(step) * layer_decay ** (depth + 1 - layer_id(p))
     layer_id: patch_embed, cls_token, pos_embed -> 0;  blocks.i -> i + 1;  fc_norm, head -> depth + 1
 
-With depth 12 and decay 0.65 the patch embedding learns at 0.65^13 = 0.4% of the
-head's lr. No weight decay on biases, norms, cls_token and pos_embed. Mixed targets:
+With depth 12 and decay 0.65 the patch embedding learns at 0.65^13 = 0.4% of the head's lr.
+No weight decay on biases, norms, cls_token and pos_embed. Mixed targets:
 
     mixup:  x = lam x_i + (1 - lam) x_j,  y = lam y_i + (1 - lam) y_j,  lam ~ Beta(a, a)
     cutmix: a box of x_j pasted into x_i, lam = 1 - box area / image area
     smoothing: y <- (1 - s) y + s / K;   loss = mean_b sum_k -y_bk log softmax(z_b)_k
 
-Linear probing (--linprobe) measures the frozen features: only BatchNorm1d(affine=False)
-+ Linear on the cls token train (LARS, no augmentation beyond crop and flip).
+Linear probing (--linprobe) measures the frozen features: only BatchNorm1d(affine=False) +
+Linear on the cls token train (LARS, no augmentation beyond crop and flip).
 
---rel_pos_bias (MAE-Lite's "impr.+RPE", BEiT's relative position bias, vit.py): each block
-adds a learned per-head bias for the 2-D offset between query and key to its logits,
-
-    softmax(q k^T / sqrt(d) + B) v,   B[h, i, j] = table[index(i, j), h]
-
-one zero-initialised table of (2G-1)^2 + 3 entries per block (the 3: cls to patch, patch to
-cls, cls to cls) on top of pos_embed. --train_subset N fine-tunes on N labelled images per
-class (MAE-Lite IJCV's data-scale study); --eval_freq N evaluates every N epochs.
-
-Hiera (--model hiera_tiny_224 | hiera_small_224 | hiera_base_224 | hiera_lite_tiny, hiera.py):
-the classifier pools its queries 3 times (q_pool 3, the official classifiers; its MAE was
-pre-trained at 2), then logits = head.projection(norm(mean over the last block's tokens)).
-It starts from an MAE-Hiera or a distilled Hiera checkpoint (the decoder, fusion heads,
-encoder_norm and mixer are reported unused; `norm` and the head are fresh) or from scratch,
-with the same recipe and layer decay over its blocks: patch_embed, pos_embed -> 0;
-blocks.i -> i + 1; norm, head.projection -> depth + 1 (util.vit_layer_id reads Hiera's
-names as they are). The input must be a multiple of 32 px (whole mask units); the ViT-only
-flags (--patch_size, --cls_token, --linprobe, --uniform_heads, --rel_pos_bias) are refused.
-
-Commands (the built-in synthetic data is used when neither --data_path nor --dataset is given):
-    # CPU, about 15 minutes: pre-train, fine-tune (a light recipe), evaluate (README: results)
-    python mae_pretrain.py --input_size 32 --patch_size 8 --epochs 20 --warmup_epochs 2 \\
-        --blr 1.5e-3 --output_dir runs/mae_p8
-    python finetune.py --finetune runs/mae_p8/checkpoint.pth --input_size 32 --patch_size 8 \\
-        --epochs 10 --warmup_epochs 1 --blr 4e-3 --batch_size 64 --aa none --mixup 0 --cutmix 0 \\
-        --reprob 0 --drop_path 0 --min_crop_scale 0.35 --output_dir runs/ft_p8
-    python finetune.py --eval --resume runs/ft_p8/checkpoint-best.pth --input_size 32 --patch_size 8
-    # MAE ViT-B, ImageNet, 100 epochs, batch 1024 = 32 x 8 GPUs x 4 accumulation -> 83.6
-    torchrun --nproc_per_node=8 finetune.py --model vit_base --finetune mae_pretrain_vit_base.pth \\
-        --data_path /data/imagenet --batch_size 32 --accum_iter 4 --epochs 100 --blr 5e-4 \\
-        --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0
-    # MAE-Lite ViT-Tiny (12 heads) "impr." recipe, 300 epochs, batch 1024 = 128 x 8 -> 78.0
-    torchrun --nproc_per_node=8 finetune.py --model vit_tiny --num_heads 12 \\
-        --finetune mae_tiny_400e.pth.tar --data_path /data/imagenet --batch_size 128 --epochs 300 \\
-        --blr 1e-3 --layer_decay 0.85 --drop_path 0 --aa rand-m10-mstd0.5-inc1 --color_jitter 0.3 \\
-        --mixup 0.2 --cutmix 0 --smoothing 0 --reprob 0
-    # MAE-Lite "impr.+RPE": the same, 1000 epochs, --rel_pos_bias, from D²-MAE-Tiny -> 79.4
-    torchrun --nproc_per_node=8 finetune.py --model vit_tiny --num_heads 12 --rel_pos_bias \\
-        --finetune runs/d2mae_tiny/checkpoint.pth --data_path /data/imagenet --batch_size 128 \\
-        --epochs 1000 --blr 1e-3 --layer_decay 0.85 --drop_path 0 --aa rand-m10-mstd0.5-inc1 \\
-        --color_jitter 0.3 --mixup 0.2 --cutmix 0 --smoothing 0 --reprob 0
-    # 50 labelled images per class of CIFAR-10 (as JPEG folders), evaluated every 20 epochs
-    python finetune.py --finetune runs/mae_tiny/checkpoint.pth --data_path data/cifar10-jpg \\
-        --input_size 32 --patch_size 4 --train_subset 50 --epochs 80 --eval_freq 20
-    # MAE-Lite downstream (CIFAR-100; also flowers102, pets, aircraft, cars), batch 512 = 128 x 4
-    torchrun --nproc_per_node=4 finetune.py --model vit_tiny --num_heads 12 \\
-        --finetune mae_tiny_400e.pth.tar --dataset cifar100 --download --batch_size 128 --epochs 50 \\
-        --warmup_epochs 10 --lr 0.1 --optimizer sgd --weight_decay 0 --clip_grad 1.0 \\
-        --layer_decay 0.75 --drop_path 0 --aa none --mixup 0 --cutmix 0 --smoothing 0 --reprob 0
-    # MAE linear probe, ViT-B: batch 16384 = 512 x 8 GPUs x 4 (LARS, blr 0.1, 90 epochs) -> 67.8
-    torchrun --nproc_per_node=8 finetune.py --linprobe --model vit_base \\
-        --finetune mae_pretrain_vit_base.pth --data_path /data/imagenet --batch_size 512 --accum_iter 4
-    # MAE-Lite's Hiera-Tiny (46 wide) from its MAE or distilled checkpoint, as MAE-Lite's ViT-Tiny
-    torchrun --nproc_per_node=8 finetune.py --model hiera_lite_tiny --finetune runs/dmae_hiera_tiny/checkpoint.pth \\
-        --data_path /data/imagenet --batch_size 128 --epochs 300 --blr 1e-3 --layer_decay 0.85 \\
-        --drop_path 0 --aa rand-m10-mstd0.5-inc1 --mixup 0.2 --cutmix 0 --smoothing 0 --reprob 0
-    # check an official fine-tuned checkpoint; MAE's FINETUNE.md: Acc@1 83.664 Acc@5 96.530 loss 0.731
-    python finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base \\
-        --data_path /data/imagenet --batch_size 16
-
-Expected (ImageNet-1K top-1, PAPERS.md section 9): MAE ViT-B 83.6; MAE-Tiny 78.0 (400 ep
-pre-training, 300 ep fine-tuning; 76.2 after 100), D-MAE-Tiny 78.4; D²-MAE-Tiny 78.7, with
---rel_pos_bias and 1000 epochs 79.4; ViT-Tiny from
-scratch with the "impr." recipe 75.8. Linear probe ViT-B: 67.8 (MAE's FINETUNE.md).
+--rel_pos_bias (MAE-Lite's "impr.+RPE"): BEiT's relative position bias in every block,
+softmax(q k^T / sqrt(d) + B) v with B[h, i, j] = table[index(i, j), h], one zero-initialised
+table of (2G-1)^2 + 3 entries per block on top of pos_embed (vit.py). --train_subset N
+fine-tunes on N labelled images per class (MAE-Lite IJCV's data-scale study). A Hiera
+(--model hiera_*) classifies the mean of its last tokens through norm and head.projection,
+pooling its queries 3 times (q_pool 3; its MAE was pre-trained at 2).
 
 Where this differs from the official code (facebookresearch/mae with timm 0.3.2):
-- RandAugment is torchvision's with 11 magnitude bins, so --aa rand-m9 means 9/10 of each
-  op's range as in timm; but torchvision has no magnitude noise (mstd is ignored), applies
-  every chosen op (timm: each with p 0.5) and its op set has Identity instead of Invert and
-  SolarizeAdd: a somewhat stronger augmentation. Color jitter applies only with --aa none,
-  as in timm, so MAE-Lite's --color_jitter 0.3 is inactive in its own recipe too.
+- RandAugment is torchvision's with 11 magnitude bins, so --aa rand-m9 means 9/10 of each op's
+  range as in timm; but torchvision has no magnitude noise (mstd is ignored), applies every
+  chosen op (timm: each with p 0.5) and has Identity instead of Invert and SolarizeAdd: a
+  somewhat stronger augmentation. Color jitter applies only with --aa none, as in timm, so
+  MAE-Lite's --color_jitter 0.3 is inactive in its own recipe too.
 - MixUp / CutMix are torchvision's: each sample mixes with its neighbour (timm: with the
   mirrored batch); the same distribution of pairs and lam.
 - Evaluation counts every image once on any number of GPUs (MAE's --dist_eval pads with
   duplicates) and reports top-min(5, classes).
-- Each sample's augmentation is seeded by (seed, epoch, index) (util.py), so a resumed run
-  continues exactly. A corrupt image file stops the run with its path (not skipped).
-- --model_ema (not in MAE; DeiT's option): EMA weights evaluated alongside (every
-  --eval_freq epochs); the best checkpoint is chosen by the trained model's top-1.
-- From scratch (no --finetune) the weights get MAE's init (xavier), not DeiT's.
-- --mixup 0.8 / --cutmix 1.0 default to the values MAE's fine-tuning recipe passes
-  (FINETUNE.md); the official script's flag defaults are 0 / 0 (off).
+- Checkpoints record the class names; a classifier meets only data with the same classes.
+- --model_ema (DeiT's option, not MAE's): EMA weights evaluated alongside; the best checkpoint
+  is chosen by the trained model's top-1. From scratch the weights get MAE's init (xavier).
+- --mixup 0.8 / --cutmix 1.0 default to the values MAE's recipe passes (FINETUNE.md); the
+  official script's flag defaults are 0 / 0 (off).
 - A TinyMIM relation student keeps its adaptive last block's head count by default; the
   official TinyMIM fine-tuning rebuilds that block with the standard count (--uniform_heads).
 """
@@ -117,111 +57,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import checkpoints
+import data
+import hiera
 import util
 from util import print0
-from hiera import HIERA_PRESETS, Hiera, create_hiera, infer_hiera_config
 from vit import VIT_PRESETS, create_vit
 
-# MAE's main_linprobe.py recipe: what --linprobe changes unless the flag is given.
-LINPROBE_DEFAULTS = dict(global_pool=False, optimizer="lars", batch_size=512, epochs=90,
-                         warmup_epochs=10, blr=0.1, weight_decay=0.0, min_lr=0.0, drop_path=0.0,
-                         aa="none", mixup=0.0, cutmix=0.0, smoothing=0.0, reprob=0.0)
-
-
-class Parser(argparse.ArgumentParser):
-    """With --linprobe the defaults become LINPROBE_DEFAULTS; flags on the command line win."""
-
-    def parse_args(self, args=None, namespace=None):
-        ns = super().parse_args(args, namespace)
-        if ns.linprobe:
-            saved = {k: self.get_default(k) for k in LINPROBE_DEFAULTS}
-            self.set_defaults(**LINPROBE_DEFAULTS)
-            ns = super().parse_args(args, namespace)
-            self.set_defaults(**saved)
-        return ns
-
-
-def get_args_parser():
-    p = Parser("Fine-tuning, linear probing and evaluation",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_tiny", choices=[*VIT_PRESETS, *HIERA_PRESETS],
-                   help="a ViT, or a Hiera (q_pool 3; hiera_lite_tiny: MAE-Lite's 46-wide Hiera-Tiny)")
-    g.add_argument("--input_size", type=int, default=224)
-    g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
-    g.add_argument("--num_heads", type=int, default=None, help="override the head count "
-                   "(MAE-Lite's tiny uses 12; this project's checkpoints record theirs)")
-    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth at the last block")
-    g.add_argument("--rel_pos_bias", action="store_true",
-                   help="BEiT's relative position bias in every block, on top of pos_embed (MAE-Lite's "
-                        "'impr.+RPE'): one zero-initialised table per block, no weight decay on it; "
-                        "an RPE checkpoint must be evaluated at the --input_size it was trained at (the tables are not interpolated)")
-    g.add_argument("--uniform_heads", action="store_true",
-                   help="a TinyMIM relation student's adaptive last block gets the --num_heads split "
-                        "of the other blocks (its q/k/v re-split, as the official TinyMIM fine-tuning); "
-                        "default: keep the head count it was trained with")
-    g.add_argument("--global_pool", action="store_true", default=True,
-                   help="mean of the patch tokens + fc_norm (MAE's fine-tuning)")
-    g.add_argument("--cls_token", action="store_false", dest="global_pool",
-                   help="classify the cls token after `norm` instead (timm, DeiT, linear probe)")
-    g.add_argument("--finetune", default="", help="start from this pre-trained checkpoint (any "
-                   "layout util.load_pretrained reads); the head is always re-initialised")
-    g.add_argument("--linprobe", action="store_true", help="freeze the backbone, train BatchNorm1d + "
-                   "Linear on the cls token; sets the defaults " + ", ".join(
-                       f"{k}={v}" for k, v in LINPROBE_DEFAULTS.items()))
-    g.add_argument("--eval", action="store_true", help="only evaluate the classifier in --resume "
-                   "(or --finetune), e.g. an official fine-tuned checkpoint")
-    g.add_argument("--model_ema", action="store_true", help="also keep and evaluate an EMA of the weights")
-    g.add_argument("--model_ema_decay", type=float, default=0.9999)
-    g = util.add_optim_args(p, batch_size=64, epochs=50, warmup_epochs=5, blr=1e-3,
-                            weight_decay=0.05, min_lr=1e-6)
-    g.add_argument("--layer_decay", type=float, default=0.75,
-                   help="layer-wise lr decay: 0.65 MAE ViT-B, 0.85 MAE-Lite tiny, 1 = off")
-    g.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"),
-                   help="adamw (0.9, 0.999); sgd (Nesterov) or lars with --momentum")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g = p.add_argument_group("augmentation and regularization")
-    g.add_argument("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop scale=(min, 1)")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
-                   help="RandAugment as timm writes it (rand-m<magnitude 0..10>[-n<ops>]); none: off")
-    g.add_argument("--color_jitter", type=float, default=None,
-                   help="brightness/contrast/saturation strength; used only with --aa none (as timm)")
-    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--mixup", type=float, default=0.8, help="mixup Beta(a, a); 0: off")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix Beta(a, a); 0: off (both on: "
-                   "one of the two per batch, each with probability 0.5)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g = util.add_data_args(p)
-    g.add_argument("--train_subset", type=float, default=None, metavar="N",
-                   help="train on N labelled images per class (a whole N >= 1) or on that fraction of "
-                        "each class (0 < N < 1, e.g. 0.1); drawn per class from --seed, the same on any "
-                        "number of processes, and nested (a class's 50 are the first 50 of its 200)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_freq", type=int, default=1, metavar="N",
-                   help="evaluate every N epochs and after the last (many short epochs on a small "
-                        "--train_subset would otherwise spend most of their time evaluating)")
-    util.add_run_args(p, output_dir="runs/finetune")
-    return p
-
-
 # ----------------------------------------------------------------------------
-# Model pieces: the classifier, its head, LARS
+# The classifier
 
 
 def build_model(args, num_classes, last_block_heads=None):
-    """The ViT classifier; with --linprobe a frozen backbone under BatchNorm1d + Linear.
-    last_block_heads: a TinyMIM relation student's adaptive last block (its checkpoint
-    records it) keeps the head split its q/k/v were trained with."""
-    if args.model in HIERA_PRESETS:
-        return build_hiera(args, num_classes)
-    try:
+    """The classifier; with --linprobe a frozen backbone under BatchNorm1d + Linear.
+    last_block_heads: a TinyMIM relation student's adaptive last block (its checkpoint records
+    it) keeps the head split its q/k/v were trained with."""
+    if args.model in hiera.HIERA_PRESETS:  # mean of the last tokens -> norm -> head.projection
+        model = hiera.create_hiera(args.model, img_size=args.input_size, num_heads=args.num_heads, q_pool=3,
+                                   num_classes=num_classes, drop_path_rate=args.drop_path)
+    else:
         model = create_vit(args.model, img_size=args.input_size, patch_size=args.patch_size,
                            num_heads=args.num_heads, num_classes=num_classes,
-                           global_pool="avg" if args.global_pool else "token",
-                           drop_path_rate=args.drop_path, last_block_heads=last_block_heads,
-                           rel_pos_bias=args.rel_pos_bias)
-    except ValueError as e:
-        raise util.ConfigError(str(e)) from None
+                           global_pool="token" if args.cls_token else "avg", drop_path_rate=args.drop_path,
+                           last_block_heads=last_block_heads, rel_pos_bias=args.rel_pos_bias)
     if args.linprobe:
         # MAE's probe: BN without affine standardises the features, whose scale varies a lot
         # between pre-training methods; the names head.0 / head.1 are MAE's.
@@ -232,80 +90,64 @@ def build_model(args, num_classes, last_block_heads=None):
     return model
 
 
-def build_hiera(args, num_classes):
-    """A Hiera classifier: q_pool 3 (the official classifiers; 1 token per mask unit in the last
-    stage), mean of the last block's tokens -> norm -> head.projection; drop path rising
-    linearly to --drop_path at the last block."""
-    model = create_hiera(args.model, img_size=args.input_size, num_heads=args.num_heads, q_pool=3,
-                         num_classes=num_classes, drop_path_rate=args.drop_path)
-    init_head(model, args)
-    return model
-
-
 def init_head(model, args):
-    """MAE: trunc-normal std 2e-5 for fine-tuning (the first logits are ~0: a calm start),
-    0.01 for the linear probe (MoCo v3); zero bias."""
+    """MAE: trunc-normal std 2e-5 for fine-tuning (the first logits are ~0: a calm start), 0.01
+    for the linear probe (MoCo v3); zero bias."""
     linear = model.head[1] if args.linprobe else getattr(model.head, "projection", model.head)  # Hiera's
     nn.init.trunc_normal_(linear.weight, std=0.01 if args.linprobe else 2e-5)
     nn.init.zeros_(linear.bias)
 
 
 def load_backbone(model, obj, path, args):
-    """--finetune: load what fits (util checks every key), then draw a fresh head. With
+    """--finetune: load what fits (every key checked), then draw a fresh head. With
     --rel_pos_bias a pre-trained encoder has no tables: they start at zero (BEiT's init)."""
     tables = tuple(k for k in model.state_dict() if k.endswith("relative_position_bias_table"))
-    report = util.load_pretrained(model, obj, name=path, allow_missing=(
+    report = checkpoints.load_pretrained(model, obj, path, allow_missing=(
         *getattr(model, "head_prefixes", ("head.", "fc_norm.")), *tables))
     init_head(model, args)
     fresh_tables = [k for k in report.missing if k in tables]
-    fresh = sorted({k.rsplit(".", 1)[0] for k in report.missing
-                    if not k.startswith("head.") and k not in tables} | {"head"})
-    print0(f"  freshly initialised: {', '.join(fresh)} (head: trunc-normal std "
-           f"{0.01 if args.linprobe else 2e-5})" + (
-               f"; the relative position bias tables of {len(fresh_tables)} blocks (zeros)"
-               if fresh_tables else ""))
+    fresh = sorted({k.rsplit(".", 1)[0] for k in report.missing if not k.startswith("head.") and k not in tables}
+                   | {"head"})
+    print0(f"  freshly initialised: {', '.join(fresh)} (head: trunc-normal std {0.01 if args.linprobe else 2e-5})"
+           + (f"; the relative position bias tables of {len(fresh_tables)} blocks (zeros)" if fresh_tables else ""))
 
 
-def load_classifier(model, obj, path):
-    """--eval: the whole classifier (backbone, pooling norm and head) must be in the file.
-    Only the model is read: an optimizer or argparse args next to it are ignored."""
-    if isinstance(model, Hiera):
-        return load_hiera_classifier(model, obj, path)
-    sd = util.read_state_dict(obj, name=path)
-    head = sd.get("head.weight", sd.get("head.1.weight"))
+def load_classifier(model, obj, path, classes):
+    """--eval: the whole classifier (backbone, pooling norm and head) must be in the file, for
+    the dataset's classes (by name where the file records them), pooling as the model."""
+    sd = checkpoints.read_state_dict(obj, path)
+    cfg = checkpoints.infer_config(obj, path)
+    head = next((sd[k] for k in ("head.weight", "head.1.weight", "head.projection.weight") if k in sd), None)
     if head is None:
         raise util.CheckpointError(f"{path}: has no classification head (a pre-trained encoder?); "
                                    f"fine-tune it first: --finetune without --eval")
-    if head.shape[0] != model.num_classes:
-        raise util.CheckpointError(f"{path}: its head has {head.shape[0]} classes, the dataset "
-                                   f"has {model.num_classes}")
-    pool = util.infer_vit_config(obj, name=path)["global_pool"]
-    if pool != model.global_pool:
-        raise util.CheckpointError(f"{path}: was trained with {pool} pooling ("
-                                   f"{'norm' if pool == 'token' else 'fc_norm'}); "
-                                   f"{'add' if pool == 'token' else 'drop'} --cls_token")
-    util.load_pretrained(model, obj, allow_missing=(), name=path)
+    check_classes(obj.get("class_names") if isinstance(obj, dict) else None, classes,
+                  f"{path}: was trained on other classes than this data's")
+    if head.shape[0] != len(classes):
+        raise util.CheckpointError(f"{path}: its head has {head.shape[0]} classes, the dataset has {len(classes)}")
+    if cfg["family"] == "ViT" and cfg["global_pool"] != model.global_pool:
+        raise util.CheckpointError(f"{path}: was trained with {cfg['global_pool']} pooling ("
+                                   f"{'norm' if cfg['global_pool'] == 'token' else 'fc_norm'}); "
+                                   f"{'add' if cfg['global_pool'] == 'token' else 'drop'} --cls_token")
+    if cfg["family"] == "Hiera" and cfg["q_pool"] != model.q_pool:
+        raise util.CheckpointError(f"{path}: records q_pool {cfg['q_pool']}; a Hiera classifier here pools "
+                                   f"{model.q_pool} times")
+    checkpoints.load_pretrained(model, obj, path, allow_missing=())
 
 
-def load_hiera_classifier(model, obj, path):
-    """--eval of a Hiera: `norm` and `head.projection` (official; timm's head.norm / head.fc are
-    mapped) must be in the file, for the dataset's classes, and it must pool as the model."""
-    cfg = infer_hiera_config(obj, name=path)  # a ViT file stops here, in one line
-    if not cfg.get("num_classes"):
-        raise util.CheckpointError(f"{path}: has no classification head (a pre-trained encoder?); "
-                                   f"fine-tune it first: --finetune without --eval")
-    if cfg["num_classes"] != model.num_classes:
-        raise util.CheckpointError(f"{path}: its head has {cfg['num_classes']} classes, the dataset "
-                                   f"has {model.num_classes}")
-    if cfg["q_pool"] != model.q_pool:
-        raise util.CheckpointError(f"{path}: records q_pool {cfg['q_pool']}; a Hiera classifier here "
-                                   f"pools {model.q_pool} times")
-    util.load_pretrained(model, obj, allow_missing=(), name=path)
+def check_classes(a, b, message, names=("the checkpoint", "the data")):
+    """Two class lists must name the same classes in the same order (label i means one class);
+    `a` None (not recorded) passes."""
+    if a is not None and list(a) != list(b):
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        detail = (f"only in {names[0]}: {only_a[:5] or 'none'}, only in {names[1]}: {only_b[:5] or 'none'}"
+                  if only_a or only_b else "the same names in another order")
+        raise util.ConfigError(f"{message} ({detail})")
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as MAE's linear probe uses it (from MoCo v3): momentum SGD
-    whose update of each weight matrix is rescaled by a trust ratio,
+    """LARS (You et al. 2017) as MAE's linear probe uses it (from MoCo v3): momentum SGD whose
+    update of each weight matrix is rescaled by a trust ratio,
 
         g <- g + wd * w;   g <- g * eta * ||w|| / ||g||     (tensors with ndim > 1 only;
                                                            ratio 1 if either norm is 0)
@@ -327,19 +169,16 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    ratio = torch.where((w_norm > 0) & (g_norm > 0),
-                                        group["trust_coefficient"] * w_norm / g_norm, 1.0)
-                    g = g * ratio
+                    g = g * torch.where((w_norm > 0) & (g_norm > 0), group["trust_coefficient"] * w_norm / g_norm, 1.0)
                 mu = self.state[p].setdefault("mu", torch.zeros_like(p))
                 mu.mul_(group["momentum"]).add_(g)
                 p.add_(mu, alpha=-group["lr"])
 
 
 def build_optimizer(model, args, device):
-    """Parameter groups (no decay on 1-D params and tokens; lr_scale from layer decay),
-    then AdamW (fused on CUDA), SGD or LARS."""
-    groups = util.param_groups(model, args.weight_decay,
-                               layer_decay=None if args.linprobe else args.layer_decay)
+    """Parameter groups (no decay on 1-D params and tokens; lr_scale from layer decay), then
+    AdamW (fused on CUDA), SGD or LARS."""
+    groups = util.param_groups(model, args.weight_decay, layer_decay=None if args.linprobe else args.layer_decay)
     if args.optimizer == "adamw":
         return util.make_adamw(groups, args.lr, (0.9, 0.999), device)
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
@@ -349,7 +188,7 @@ def build_optimizer(model, args, device):
 
 
 # ----------------------------------------------------------------------------
-# Losses and mixed targets
+# The loss and the training step
 
 
 def soft_target_cross_entropy(logits, target):
@@ -365,52 +204,16 @@ def smooth_targets(target, smoothing):
 def build_mixing(args, num_classes):
     """torchvision's MixUp / CutMix (one of them per batch when both are on), or None."""
     from torchvision.transforms import v2
-    mixes = [cls(alpha=a, num_classes=num_classes)
-             for cls, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a > 0]
-    if not mixes:
-        return None
-    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
-
-
-# ----------------------------------------------------------------------------
-# Data
-
-
-def parse_randaugment(spec):
-    """timm's 'rand-m9-mstd0.5-inc1' -> (ops per image, magnitude 0..10); 'none' -> None."""
-    if spec.lower() in ("", "none"):
-        return None
-    if not re.fullmatch(r"rand(-[a-z]+[\d.]+)*", spec):
-        raise util.ConfigError(f"--aa {spec!r}: expected rand-m<magnitude>[-n<ops>][-mstd<s>] or none")
-    opts = dict(re.findall(r"-([a-z]+)([\d.]+)", spec))
-    ops, magnitude = int(opts.get("n", 2)), int(float(opts.get("m", 9)))
-    if not 0 <= magnitude <= 10:
-        raise util.ConfigError(f"--aa {spec!r}: magnitude must lie in 0..10 (timm's scale)")
-    return ops, magnitude
-
-
-def train_transform(args):
-    """RandomResizedCrop (bicubic) + flip + RandAugment or color jitter, as uint8 (the
-    normalization and random erasing run on the device, in classify_step)."""
-    from torchvision.transforms import v2
-    t = [util.DecodeCropFlip(args.input_size, (args.min_crop_scale, 1.0)).crop]  # a PIL image
-    ra = parse_randaugment(args.aa)
-    if ra:
-        # 11 bins: magnitude m is m/10 of each op's range, timm's scale. Geometric ops fill
-        # with the mean pixel (124, 116, 104) as timm does.
-        fill = tuple(round(255 * m) for m in util.IMAGENET_MEAN)
-        t.append(v2.RandAugment(num_ops=ra[0], magnitude=ra[1], num_magnitude_bins=11,
-                                interpolation=v2.InterpolationMode.BICUBIC, fill=fill))
-    elif args.color_jitter:
-        t.append(v2.ColorJitter(*(args.color_jitter,) * 3))
-    return v2.Compose([*t, v2.PILToTensor()])
+    mixes = [cls(alpha=a, num_classes=num_classes) for cls, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix))
+             if a > 0]
+    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def random_erasing(imgs, p, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
     """Random erasing (Zhong et al. 2020) as timm's 'pixel' mode, per image of a normalised
-    batch on the device: with probability p, a box of area fraction in `scale` and
-    log-uniform aspect in `ratio` (10 tries) is filled with N(0, 1) noise. Boxes come from
-    torch's CPU RNG (no device sync), the noise from the device's."""
+    batch on the device: with probability p, a box of area fraction in `scale` and log-uniform
+    aspect in `ratio` (10 tries) is filled with N(0, 1) noise. Boxes come from torch's CPU RNG
+    (no device sync), the noise from the device's."""
     B, C, H, W = imgs.shape
     for b in torch.nonzero(torch.rand(B) < p).flatten().tolist():
         for _ in range(10):
@@ -424,58 +227,10 @@ def random_erasing(imgs, p, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
     return imgs
 
 
-def build_val_loader(dataset, args, dinfo):
-    """Rank r evaluates images r, r + W, r + 2W, ...: every image exactly once, uneven
-    counts allowed (DistributedSampler would pad the last round with duplicates)."""
-    return DataLoader(dataset, batch_size=args.batch_size,
-                      sampler=range(dinfo.rank, len(dataset), dinfo.world_size),
-                      num_workers=args.num_workers, pin_memory=dinfo.device.type == "cuda")
-
-
-def dataset_labels(dataset):
-    """Every sample's label, read without decoding an image: .targets (ImageFolder, CIFAR),
-    ._labels (torchvision's Flowers102, OxfordIIITPet, FGVCAircraft), ._samples (Stanford
-    Cars), index % classes (util's built-in data), and concatenations of these."""
-    if isinstance(dataset, torch.utils.data.ConcatDataset):
-        return [y for part in dataset.datasets for y in dataset_labels(part)]
-    if isinstance(dataset, util.SyntheticShapes):
-        return [i % len(dataset.classes) for i in range(len(dataset))]
-    for attr in ("targets", "_labels"):
-        if hasattr(dataset, attr):
-            return [int(y) for y in getattr(dataset, attr)]
-    if hasattr(dataset, "_samples"):
-        return [int(y) for _, y in dataset._samples]
-    raise util.ConfigError(f"--train_subset: cannot read the labels of a {type(dataset).__name__} "
-                           f"without decoding every image")
-
-
-def class_balanced_subset(dataset, n, seed, classes):
-    """--train_subset N: per class c, the first n_c of a permutation of its images drawn from a
-    generator seeded by (seed, c), with n_c = N (a whole N >= 1) or round(N * |c|) (0 < N < 1).
-    The draw depends on the labels and the seed only: the same images on any number of
-    processes, and a smaller N keeps a subset of a larger one's. No file is copied: a Subset
-    of indices, in the dataset's order. -> (Subset, [n_c])."""
-    labels = torch.tensor(dataset_labels(dataset))
-    chosen = []
-    for c, name in enumerate(classes):
-        members = torch.nonzero(labels == c).flatten()  # indices of class c, in dataset order
-        k = int(n) if n >= 1 else max(1, round(n * len(members)))
-        if k > len(members):
-            raise util.ConfigError(f"--train_subset {n:g}: class {name!r} has only {len(members)} "
-                                   f"training images")
-        g = torch.Generator().manual_seed(util.stable_seed(seed, "train_subset", c))
-        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
-    indices = torch.cat(chosen).sort().values.tolist()
-    return torch.utils.data.Subset(dataset, indices), [len(x) for x in chosen]
-
-
-# ----------------------------------------------------------------------------
-# Training and evaluation
-
-
 def classify_step(model, batch, *, mixing, smoothing, reprob):
-    """One micro-batch (on the device): erase, mix, then soft-target cross-entropy
-    (label-smoothed CE when nothing is mixed)."""
+    """The loss of one batch (util.train_one_epoch runs it under autocast, then backward and,
+    every --accum_iter micro-batches, the optimizer step): erase, mix, then soft-target
+    cross-entropy (label-smoothed CE when nothing is mixed)."""
     imgs, labels, _ = batch
     if reprob > 0:
         imgs = random_erasing(imgs, reprob)
@@ -487,14 +242,14 @@ def classify_step(model, batch, *, mixing, smoothing, reprob):
 
 @torch.no_grad()
 def evaluate(model, loader, device, autocast=nullcontext, num_classes=1000):
-    """Loss, top-1 and top-k (k = min(5, classes)) over every image of the split: each
-    rank sums over its own images, then one all-reduce of (loss, correct@1, correct@k, n)."""
+    """Loss, top-1 and top-k (k = min(5, classes)) over every image of the split: each rank
+    sums over its own images, then one all-reduce of (loss, correct@1, correct@k, n)."""
     was_training = model.training
     model.eval()
     k = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for imgs, labels in loader:
-        imgs, labels = util.normalize(imgs.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        imgs, labels = data.normalize(imgs.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
         with autocast():
             logits = model(imgs).float()  # (B, K)
         hits = logits.topk(k, dim=-1).indices == labels[:, None]  # (B, k)
@@ -515,10 +270,10 @@ def format_eval(s):
 
 
 class ModelEma:
-    """An exponential moving average of the weights and buffers, ema <- d ema + (1 - d) w
-    after every optimizer step (as timm's ModelEma: it starts from the model as loaded).
-    One fused torch._foreach_lerp_ and no host sync (torch.optim.swa_utils.AveragedModel
-    reads its device-side step counter twice per update: two syncs per step)."""
+    """An exponential moving average of the weights and buffers, ema <- d ema + (1 - d) w after
+    every optimizer step (as timm's ModelEma: it starts from the model as loaded). One fused
+    torch._foreach_lerp_ and no host sync (torch.optim.swa_utils.AveragedModel reads its
+    device-side step counter twice per update: two syncs per step)."""
 
     def __init__(self, model, decay):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
@@ -533,6 +288,172 @@ class ModelEma:
             ema[k].copy_(now[k])
 
 
+# ----------------------------------------------------------------------------
+# Data: augmentation, the validation loader, labelled subsets
+
+
+def parse_randaugment(spec):
+    """timm's 'rand-m9-mstd0.5-inc1' -> (ops per image, magnitude 0..10); 'none' -> None."""
+    if spec.lower() in ("", "none"):
+        return None
+    if not re.fullmatch(r"rand(-[a-z]+[\d.]+)*", spec):
+        raise util.ConfigError(f"--aa {spec!r}: expected rand-m<magnitude>[-n<ops>][-mstd<s>] or none")
+    opts = dict(re.findall(r"-([a-z]+)([\d.]+)", spec))
+    ops, magnitude = int(opts.get("n", 2)), int(float(opts.get("m", 9)))
+    if not 0 <= magnitude <= 10:
+        raise util.ConfigError(f"--aa {spec!r}: magnitude must lie in 0..10 (timm's scale)")
+    return ops, magnitude
+
+
+def train_transform(args):
+    """RandomResizedCrop (bicubic) + flip + RandAugment or color jitter, as uint8 (the
+    normalization and random erasing run on the device, in classify_step)."""
+    from torchvision.transforms import v2
+    t = [data.DecodeCropFlip(args.input_size, (args.min_crop_scale, 1.0)).crop]  # a PIL image
+    ra = parse_randaugment(args.aa)
+    if ra:
+        # 11 bins: magnitude m is m/10 of each op's range, timm's scale. Geometric ops fill
+        # with the mean pixel (124, 116, 104) as timm does.
+        fill = tuple(round(255 * m) for m in data.IMAGENET_MEAN)
+        t.append(v2.RandAugment(num_ops=ra[0], magnitude=ra[1], num_magnitude_bins=11,
+                                interpolation=v2.InterpolationMode.BICUBIC, fill=fill))
+    elif args.color_jitter:
+        t.append(v2.ColorJitter(*(args.color_jitter,) * 3))
+    return v2.Compose([*t, v2.PILToTensor()])
+
+
+def build_val_loader(dataset, args, dinfo):
+    """Rank r evaluates images r, r + W, r + 2W, ...: every image exactly once, uneven counts
+    allowed (DistributedSampler would pad the last round with duplicates)."""
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=range(dinfo.rank, len(dataset), dinfo.world_size),
+                      num_workers=args.num_workers, pin_memory=dinfo.device.type == "cuda")
+
+
+def dataset_labels(dataset):
+    """Every sample's label, read without decoding an image: .targets (ImageFolder, CIFAR),
+    ._labels (torchvision's Flowers102, OxfordIIITPet, FGVCAircraft), ._samples (Stanford
+    Cars), index % classes (the built-in data), and concatenations of these."""
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return [y for part in dataset.datasets for y in dataset_labels(part)]
+    if isinstance(dataset, data.SyntheticShapes):
+        return [i % len(dataset.classes) for i in range(len(dataset))]
+    for attr in ("targets", "_labels"):
+        if hasattr(dataset, attr):
+            return [int(y) for y in getattr(dataset, attr)]
+    if hasattr(dataset, "_samples"):
+        return [int(y) for _, y in dataset._samples]
+    raise util.ConfigError(f"--train_subset: cannot read the labels of a {type(dataset).__name__} "
+                           f"without decoding every image")
+
+
+def class_balanced_subset(dataset, n, seed, classes):
+    """--train_subset N: per class c, the first n_c of a permutation of its images drawn from a
+    generator seeded by (seed, c), with n_c = N (a whole N >= 1) or round(N * |c|) (0 < N < 1).
+    The draw depends on the labels and the seed only: the same images on any number of
+    processes, and a smaller N keeps a subset of a larger one's. -> (Subset, [n_c])."""
+    labels = torch.tensor(dataset_labels(dataset))
+    chosen = []
+    for c, name in enumerate(classes):
+        members = torch.nonzero(labels == c).flatten()  # indices of class c, in dataset order
+        k = int(n) if n >= 1 else max(1, round(n * len(members)))
+        if k > len(members):
+            raise util.ConfigError(f"--train_subset {n:g}: class {name!r} has only {len(members)} training images")
+        g = torch.Generator().manual_seed(util.stable_seed(seed, "train_subset", c))
+        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.utils.data.Subset(dataset, torch.cat(chosen).sort().values.tolist()), [len(x) for x in chosen]
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+# MAE's main_linprobe.py recipe: what --linprobe changes unless the flag is given.
+LINPROBE_DEFAULTS = dict(cls_token=True, optimizer="lars", batch_size=512, epochs=90, warmup_epochs=10, blr=0.1,
+                         weight_decay=0.0, min_lr=0.0, drop_path=0.0, aa="none", mixup=0.0, cutmix=0.0,
+                         smoothing=0.0, reprob=0.0)
+
+
+class Parser(argparse.ArgumentParser):
+    """With --linprobe the defaults become LINPROBE_DEFAULTS; flags on the command line win."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        if ns.linprobe:
+            saved = {k: self.get_default(k) for k in LINPROBE_DEFAULTS}
+            self.set_defaults(**LINPROBE_DEFAULTS)
+            ns = super().parse_args(args, namespace)
+            self.set_defaults(**saved)
+        return ns
+
+
+def get_args_parser():
+    p = Parser("Fine-tuning, linear probing and evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_tiny", choices=[*VIT_PRESETS, *hiera.HIERA_PRESETS],
+                   help="a ViT, or a Hiera (q_pool 3; hiera_lite_tiny: MAE-Lite's 46-wide Hiera-Tiny)")
+    g.add_argument("--input_size", type=int, default=224)
+    g.add_argument("--patch_size", type=int, default=None, help="override the preset's patch size")
+    g.add_argument("--num_heads", type=int, default=None, help="override the head count "
+                   "(MAE-Lite's tiny uses 12; this project's checkpoints record theirs)")
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth at the last block")
+    g.add_argument("--rel_pos_bias", action="store_true",
+                   help="BEiT's relative position bias in every block, on top of pos_embed (MAE-Lite's "
+                        "'impr.+RPE'): one zero-initialised table per block, no weight decay on it; an RPE "
+                        "checkpoint is evaluated at the --input_size it was trained at (tables are not interpolated)")
+    g.add_argument("--uniform_heads", action="store_true",
+                   help="a TinyMIM relation student's adaptive last block gets the --num_heads split of the "
+                        "other blocks (its q/k/v re-split, as the official TinyMIM fine-tuning); default: "
+                        "keep the head count it was trained with")
+    g.add_argument("--cls_token", action="store_true",
+                   help="classify the cls token after `norm` (timm, DeiT, linear probe) instead of the mean "
+                        "of the patch tokens + fc_norm (MAE's fine-tuning)")
+    g.add_argument("--global_pool", action="store_false", dest="cls_token", help="the mean of the patch tokens "
+                   "+ fc_norm (the default)")
+    g.add_argument("--finetune", default="", help="start from this pre-trained checkpoint (any layout "
+                   "checkpoints.py reads); the head is always re-initialised")
+    g.add_argument("--linprobe", action="store_true", help="freeze the backbone, train BatchNorm1d + Linear "
+                   "on the cls token; sets the defaults " + ", ".join(f"{k}={v}" for k, v in LINPROBE_DEFAULTS.items()))
+    g.add_argument("--eval", action="store_true", help="only evaluate the classifier in --resume "
+                   "(or --finetune), e.g. an official fine-tuned checkpoint")
+    g.add_argument("--model_ema", action="store_true", help="also keep and evaluate an EMA of the weights")
+    g.add_argument("--model_ema_decay", type=float, default=0.9999)
+    g = util.add_optim_args(p, batch_size=64, epochs=50, warmup_epochs=5, blr=1e-3, weight_decay=0.05, min_lr=1e-6)
+    g.add_argument("--layer_decay", type=float, default=0.75,
+                   help="layer-wise lr decay: 0.65 MAE ViT-B, 0.85 MAE-Lite tiny, 1 = off")
+    g.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"),
+                   help="adamw (0.9, 0.999); sgd (Nesterov) or lars with --momentum")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g = p.add_argument_group("augmentation and regularization")
+    g.add_argument("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop scale=(min, 1)")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
+                   help="RandAugment as timm writes it (rand-m<magnitude 0..10>[-n<ops>]); none: off")
+    g.add_argument("--color_jitter", type=float, default=None,
+                   help="brightness/contrast/saturation strength; used only with --aa none (as timm)")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup Beta(a, a); 0: off")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix Beta(a, a); 0: off (both on: "
+                   "one of the two per batch, each with probability 0.5)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g = data.add_data_args(p)
+    g.add_argument("--train_subset", type=float, default=None, metavar="N",
+                   help="train on N labelled images per class (a whole N >= 1) or on that fraction of each "
+                        "class (0 < N < 1, e.g. 0.1); drawn per class from --seed, the same on any number of "
+                        "processes, and nested (a class's 50 are the first 50 of its 200)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_freq", type=int, default=1, metavar="N",
+                   help="evaluate every N epochs and after the last (many short epochs on a small "
+                        "--train_subset would otherwise spend most of their time evaluating)")
+    util.add_run_args(p, output_dir="runs/finetune")
+    return p
+
+
+# Flags a Hiera has no use for (it mean-pools into `norm`, has 4-px tokens, no cls token, no
+# TinyMIM block, no relative position tables).
+VIT_ONLY_FLAGS = ("linprobe", "patch_size", "cls_token", "uniform_heads", "rel_pos_bias")
+# What a resumed run must keep: the classifier and what it starts from.
+FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "linprobe", "cls_token", "finetune", "uniform_heads",
+                   "rel_pos_bias", "train_subset")
+
+
 def check_args(args):
     util.check_common_args(args, dict(
         smoothing=util.between(0, 1, hi_ok=False), reprob=util.between(0, 1),
@@ -545,47 +466,25 @@ def check_args(args):
                                f"(1 or more) or a fraction of each class (below 1)")
     if args.rel_pos_bias and args.linprobe:
         raise util.ConfigError("--rel_pos_bias with --linprobe: the frozen tables would stay at zero")
-    if args.model in HIERA_PRESETS:
-        check_hiera_args(args)
+    if args.model in hiera.HIERA_PRESETS:
+        defaults = get_args_parser()
+        flag = next((f for f in VIT_ONLY_FLAGS if getattr(args, f) != defaults.get_default(f)), None)
+        if flag:
+            raise util.ConfigError(f"--{flag} is for a ViT; --model {args.model} is a Hiera (mean of its "
+                                   f"tokens -> norm -> head.projection)")
+        try:
+            hiera.check_size(args.input_size)
+        except ValueError as e:
+            raise util.ConfigError(f"--input_size: {e}") from None
     elif args.input_size % (patch := args.patch_size or VIT_PRESETS[args.model].get("patch_size", 16)):
         raise util.ConfigError(f"--input_size {args.input_size} is not divisible by the patch size {patch}")
     if args.eval and not (args.resume or args.finetune):
         raise util.ConfigError("--eval needs the classifier to evaluate: --resume PATH (or --finetune PATH)")
+    if args.eval and args.resume and args.finetune:
+        raise util.ConfigError("--eval evaluates one classifier: give --resume PATH or --finetune PATH, not both")
     if args.linprobe and args.drop_path:
         raise util.ConfigError("--linprobe trains only the head: --drop_path must be 0")
     parse_randaugment(args.aa)
-
-
-# Flags a Hiera has no use for (it mean-pools into `norm`, has 4-px tokens, no cls token and
-# no TinyMIM block, no relative position tables).
-VIT_ONLY_FLAGS = {"linprobe": "--linprobe", "patch_size": "--patch_size", "global_pool": "--cls_token",
-                  "uniform_heads": "--uniform_heads", "rel_pos_bias": "--rel_pos_bias"}
-
-
-def check_hiera_args(args):
-    """A Hiera: no ViT-only flag, whole 32x32 px mask units."""
-    defaults = get_args_parser()
-    for flag, name in VIT_ONLY_FLAGS.items():
-        if getattr(args, flag) != defaults.get_default(flag):
-            raise util.ConfigError(f"{name} is for a ViT; --model {args.model} is a Hiera (mean of its "
-                                   f"tokens -> norm -> head.projection)")
-    if args.input_size % 32:
-        raise util.ConfigError(f"--input_size {args.input_size}: a Hiera needs a multiple of 32 "
-                               f"(whole 32x32 px mask units)")
-
-
-def check_classes(train, val):
-    """Train and val must name the same classes in the same order: label i means one class."""
-    if list(train) != list(val):
-        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        detail = (f"only in train: {only_train or 'none'}, only in val: {only_val or 'none'}"
-                  if only_train or only_val else "the same names in another order")
-        raise util.ConfigError(f"the training and validation splits have different classes ({detail})")
-
-
-# What a resumed run must keep: the classifier and what it starts from.
-FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "global_pool", "linprobe", "finetune", "uniform_heads",
-                   "rel_pos_bias", "train_subset")
 
 
 def main(args):
@@ -594,27 +493,27 @@ def main(args):
     device = dinfo.device
     if not args.eval:
         util.prepare_output_dir(args)
-    val_set, classes = util.build_dataset(args, train=False, transform=util.eval_transform(args.input_size))
-    num_classes = len(classes)
+    val_set, classes = data.build_dataset(args, train=False, transform=data.eval_transform(args.input_size))
     val_loader = build_val_loader(val_set, args, dinfo)
     if not args.eval:
-        train_set, train_classes = util.build_dataset(args, train=True, transform=train_transform(args))
-        check_classes(train_classes, classes)
+        train_set, train_classes = data.build_dataset(args, train=True, transform=train_transform(args))
+        check_classes(train_classes, classes, "the training and validation splits have different classes",
+                      ("train", "val"))
         if args.train_subset:
             full = len(train_set)
             train_set, per_class = class_balanced_subset(train_set, args.train_subset, args.seed, classes)
             each = per_class[0] if len(set(per_class)) == 1 else f"{min(per_class)}-{max(per_class)}"
-            print0(f"--train_subset {args.train_subset:g}: {len(train_set)} of the {full} training "
-                   f"images, {each} per class, drawn with --seed {args.seed}")
-        loader = util.build_train_loader(train_set, args, dinfo)
+            print0(f"--train_subset {args.train_subset:g}: {len(train_set)} of the {full} training images, "
+                   f"{each} per class, drawn with --seed {args.seed}")
+        loader = data.build_train_loader(train_set, args, dinfo)
 
     source = (args.resume or args.finetune) if args.eval else args.finetune
-    obj = util.load_checkpoint(source) if source else None  # read once, before the model is built
-    lbh = (util.infer_vit_config(obj, name=source)["last_block_heads"]
+    obj = checkpoints.load(source) if source else None  # read once, before the model is built
+    lbh = (checkpoints.infer_config(obj, source).get("last_block_heads")
            if obj is not None and args.model in VIT_PRESETS else None)
     if lbh and args.uniform_heads:  # the official TinyMIM fine-tuning: re-split its q/k/v
-        print0(f"{source}: its last block has {lbh} heads (a TinyMIM relation student); "
-               f"--uniform_heads re-splits it into the model's {args.num_heads or 'preset'} heads")
+        print0(f"{source}: its last block has {lbh} heads (a TinyMIM relation student); --uniform_heads "
+               f"re-splits it into the model's {args.num_heads or 'preset'} heads")
         obj = {**obj, "model_config": {**obj["model_config"], "last_block_heads": None}}
         lbh = None
     elif lbh:
@@ -622,14 +521,14 @@ def main(args):
                f"(--uniform_heads: the --num_heads split in every block, as the official TinyMIM code)")
     elif args.uniform_heads:
         what = f"{source} has" if source else "training from scratch, the model has"
-        print0(f"--uniform_heads: {what} no adaptive last block (it is for a TinyMIM relation "
-               f"student); nothing to re-split")
+        print0(f"--uniform_heads: {what} no adaptive last block (it is for a TinyMIM relation student); "
+               f"nothing to re-split")
     torch.manual_seed(args.seed)  # the same initial weights (and head) on every rank
-    model = build_model(args, num_classes, last_block_heads=lbh)
+    model = build_model(args, len(classes), last_block_heads=lbh)
     autocast, scaler = util.amp_setup(args.precision, device)
     if args.eval:
-        load_classifier(model, obj, source)
-        stats = evaluate(model.to(device), val_loader, device, autocast, num_classes)
+        load_classifier(model, obj, source, classes)
+        stats = evaluate(model.to(device), val_loader, device, autocast, len(classes))
         print0(format_eval(stats))
         return stats
     if args.finetune:
@@ -638,14 +537,17 @@ def main(args):
         print0("no --finetune checkpoint: training from scratch")
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"{args.model}{' (linear probe)' if args.linprobe else ''}: {n_params / 1e6:.3f}M "
-           f"trainable parameters, {num_classes} classes, {len(train_set)} training and "
-           f"{len(val_set)} validation images, {len(loader) // args.accum_iter} steps per epoch")
+    print0(f"{args.model}{' (linear probe)' if args.linprobe else ''}: {n_params / 1e6:.3f}M trainable "
+           f"parameters, {len(classes)} classes, {len(train_set)} training and {len(val_set)} validation "
+           f"images, {len(loader) // args.accum_iter} steps per epoch")
 
     util.effective_lr(args, dinfo.world_size)
     optimizer = build_optimizer(model, args, device)
     fixed = FIXED_ON_RESUME + (("seed",) if args.train_subset else ())  # the seed drew the subset
     start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=fixed)
+    if ckpt is not None:
+        check_classes(ckpt.get("class_names"), classes, f"{args.resume or Path(args.output_dir) / 'checkpoint.pth'}: "
+                      f"was trained on other classes than this data's")
     # The EMA starts from the weights training continues from: a resumed run's, or its own
     # saved average when the checkpoint has one (--model_ema may be added on resume).
     ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
@@ -658,33 +560,29 @@ def main(args):
             ema.module.load_state_dict(ckpt["model_ema"])
 
     net = util.wrap_model(model, dinfo, args)
-    step = partial(classify_step, mixing=build_mixing(args, num_classes), smoothing=args.smoothing,
-                   reprob=args.reprob)
-    if util.benchmark(args, net, loader, optimizer, step, device, autocast, scaler, num_classes):
+    step = partial(classify_step, mixing=build_mixing(args, len(classes)), smoothing=args.smoothing, reprob=args.reprob)
+    if util.benchmark(args, net, loader, optimizer, step, device, autocast, scaler):
         return
     out = Path(args.output_dir)
-
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
         stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
         log = {f"train_{k}": v for k, v in stats.items()}
-        ema_state = {"model_ema": ema.module.state_dict()} if ema is not None else {}
+        extra = {"class_names": list(classes), **({"model_ema": ema.module.state_dict()} if ema is not None else {})}
         val = None
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:  # --eval_freq, and the last
-            val = evaluate(model, val_loader, device, autocast, num_classes)
+            val = evaluate(model, val_loader, device, autocast, len(classes))
             log.update({f"test_{k}": val[k] for k in ("loss", "acc1", "acc5")})
             if ema is not None:
-                ema_val = evaluate(ema.module, val_loader, device, autocast, num_classes)
+                ema_val = evaluate(ema.module, val_loader, device, autocast, len(classes))
                 log.update({f"test_ema_{k}": ema_val[k] for k in ("loss", "acc1", "acc5")})
             if (best is None or val["acc1"] > best) and dinfo.is_main:  # before checkpoint.pth records it
                 util.save_checkpoint(out / "checkpoint-best.pth", {
-                    "model": model.state_dict(), **ema_state, "epoch": epoch, "acc1": val["acc1"],
+                    "model": model.state_dict(), **extra, "epoch": epoch, "acc1": val["acc1"],
                     "args": util.plain_args(args), "model_config": model.config})
             best = val["acc1"] if best is None else max(best, val["acc1"])
-        util.save_training_state(args, model, optimizer, scaler, epoch, extra={"best_acc1": best, **ema_state})
+        util.save_training_state(args, model, optimizer, scaler, epoch, extra={"best_acc1": best, **extra})
         util.log_stats(args.output_dir, {**log, **({"best_acc1": best} if best is not None else {}),
-                                         "epoch": epoch, "n_parameters": n_params,
-                                         "train_images": len(train_set)})
+                                         "epoch": epoch, "n_parameters": n_params, "train_images": len(train_set)})
         result = (f"val loss {val['loss']:.4f}  acc1 {val['acc1']:.2f}  acc{val['top_k']} {val['acc5']:.2f}  "
                   f"best {best:.2f}" if val else f"not evaluated (--eval_freq {args.eval_freq})")
         print0(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  {result}  "

@@ -1,9 +1,9 @@
-"""Hiera: a hierarchical ViT without the bells and whistles (Ryali et al., ICML 2023).
+"""Hiera (Ryali et al., ICML 2023) and MAE on Hiera: MAE-Lite's hierarchical student (IJCV 2025).
 
-A plain pre-norm transformer made hierarchical by two cheap tricks: pooling the queries
-(max over 2x2 tokens) at the first block of stages 2..q_pool+1, and attention inside
-"mask units" (8x8 tokens = 32x32 px) in the early, high-resolution blocks. It is what
-MAE-Lite's IJCV version pre-trains as its hierarchical student (embed 46, about 6.3M).
+Depends on torch and einops only: copy this file alone. A plain pre-norm transformer made
+hierarchical by two cheap tricks: pooling the queries (max over 2x2 tokens) at the first
+block of stages 2..q_pool+1, and attention inside "mask units" (8x8 tokens = 32x32 px) in
+the early, high-resolution blocks.
 
     imgs (B,3,224,224) --conv 7x7 /4--> 56x56 tokens + pos_embed --unroll--> (B, 3136, C0)
     stage 1..4: dims C0, 2C0, 4C0, 8C0; heads h, 2h, 4h, 8h; tokens 3136 -> 784 -> 196 -> 49
@@ -14,62 +14,68 @@ h = 8*my + 4*s3y + 2*s2y + s1y (my: mask-unit row, s1: finest 2x2 offset), likew
 
     b (my s3y s2y s1y mx s3x s2x s1x) c -> b (s1y s1x s2y s2x s3y s3x my mx) c
 
-- q-pooling is a max over the outermost 4 = (s1y s1x), then (s2y s2x), then (s3y s3x);
-- the mask unit (my mx) is the innermost axis, so token = t * units + u and windowed
-  attention is `b (t u) c -> b u t c`;
-- dropping mask units (MAE) drops values of u: the kept tokens stay in this order.
-Block outputs are therefore NOT in raster order (except after 3 poolings); `encode(...,
-stages=...)` returns spatial maps ("reroll").
+q-pooling is a max over the outermost 4 = (s1y s1x), then (s2y s2x), then (s3y s3x); the
+mask unit (my mx) is innermost, so token = t * units + u, windowed attention is
+`b (t u) c -> b u t c`, and dropping mask units (MAE) drops values of u. Block outputs are
+therefore NOT in raster order; `encode(..., stages=...)` returns spatial maps ("reroll").
 
-The one-block lag: a block uses mask-unit attention when the block BEFORE it lies in
-stage 1 or 2 (the official code reads the flag before advancing the stage). The first
-block of stage 3 still attends within mask units: it pools its queries from 4 tokens per
-unit to 1 while its keys are still stage 2's, so global attention starts one block later.
+The one-block lag: a block uses mask-unit attention when the block BEFORE it lies in stage 1
+or 2 (the official code reads the flag before advancing the stage), so the first block of
+stage 3 still attends within mask units while it pools their queries from 4 tokens to 1.
 
-Public hooks (as vit.py; layers are 1-based, no other file reaches inside a block):
+Public hooks, as vit.py's (layers 1-based): `embed(imgs, keep)` with keep bool
+(B, num_mask_units), True = KEEP (the official convention, the reverse of MAE's mask), and
+`encode(x, keep, layers=, attn=, attn_logits=, norm1=, stages=, stop_at=)` whose
+taps.attn[k] is (B, heads, units, Tq, Tk) for a mask-unit block, (B, heads, Nq, Nk) for a
+global one, and taps.stages[s] is (B, H, W, C) without a mask, (B, k, My, Mx, C) per kept unit.
 
-    x = hiera.embed(imgs, mask=keep)      # (B, 64k, C0) unrolled tokens of the kept units
-    taps = hiera.encode(x, mask=keep, layers=(12,), attn=(12,), attn_logits=True,
-                        norm1=range(1, 13), stages=(1, 2, 4), stop_at=None)
-    taps.x          # last block's output (B, n, C_last), unrolled order, no norm
-    taps.layers[k]  # output of block k (B, n_k, C_k), unrolled order
-    taps.attn[k]    # global block: (B, heads, Nq, Nk); mask-unit block: (B, heads, units,
-                    #   Tq, Tk) with the window axis third, tokens t of unit u as above
-    taps.norm1[k]   # block k's LayerNorm'd input (B, n_{k-1}, C_{k-1}), for CKA
-    taps.stages[s]  # stage s's output rerolled: (B, H, W, C) raster without a mask,
-                    #   (B, k, My, Mx, C) per kept mask unit with one (what MAE fuses)
+MAE on Hiera (MaskedAutoencoderHiera): one masking decision per mask unit; the encoder runs
+on the kept units; the outputs of stages 1..q_pool and 4 are fused per kept unit,
 
-`mask` is bool (B, num_mask_units), True = KEEP (the official convention, the reverse of
-MAE's); every row keeps the same number of units. Only blocks in `attn` leave
-F.scaled_dot_product_attention.
+    latent = encoder_norm(conv 4x4 /4 (stage 1, 8x8) + conv 2x2 /2 (stage 2, 4x4) + stage 4 (2x2))
 
-State-dict names are the official checkpoints' (pos_embed, patch_embed.proj,
-blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2, proj}, norm,
-head.projection); timm's head.norm / head.fc are the same tensors (util maps them).
+and a decoder of global blocks predicts pred_stride = 4 * 2^q_pool px patches (16 px at
+q_pool 2: 2x2 per unit), each vector ordered (C, py, px) as the official label. The pixel
+loss is mae_pretrain.mae_loss, the one a ViT MAE uses. MAE-Lite's student: embed 46, stages
+(1, 2, 7, 2), q_pool 2, mask ratio 0.4 (29 of 49 units kept), decoder 96 x 1 x 3.
+
+State-dict names are the official checkpoints' (pos_embed, patch_embed.proj, blocks.i.{norm1,
+attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2, proj}, norm, head.projection; MAE: encoder_norm,
+multi_scale_fusion_heads.i, mask_token, decoder_embed, decoder_pos_embed, decoder_blocks.i,
+decoder_norm, decoder_pred); timm's head.norm / head.fc are the same tensors.
 
 Where this differs from the official code (facebookresearch/hiera):
 - forward returns logits in eval mode too (the official Head applies a softmax in eval).
 - Only the 2-D image model with 4 stages, 2x2 q-stride and 8x8-token mask units (every
   released image model); no video, sep_pos_embed or abs-win position embedding.
+- MaskedAutoencoderHiera.forward returns (pred of every patch, target, removed-patch mask)
+  as MaskedAutoencoderViT, not (loss, pred[masked], label[masked], keep); mask ratio 0 takes
+  the loss over all patches (the official mean of nothing is NaN); norm_pix_loss can be off.
 """
 import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
-import util
-from vit import DropPath, Mlp
-
 PATCH_STRIDE = 4  # the 7x7 conv's stride: one token per 4x4 px
 MU = 8  # a mask unit is 8x8 tokens = 32x32 px
 Q_STRIDE = 4  # q-pooling takes the max over 2x2 tokens
 MASK_UNIT_ATTN = (True, True, False, False)  # per stage (read with the one-block lag)
+
+
+def check_size(img_size, mask_ratio=None):
+    """A Hiera needs whole 32x32 px mask units, and an MAE-Hiera at least one kept unit."""
+    if img_size % (PATCH_STRIDE * MU):
+        raise ValueError(f"a Hiera needs an image size that is a multiple of 32 px (whole 8x8-token "
+                         f"mask units), got {img_size}")
+    units = (img_size // (PATCH_STRIDE * MU)) ** 2
+    if mask_ratio is not None and int(units * (1 - mask_ratio)) < 1:
+        raise ValueError(f"mask ratio {mask_ratio} keeps none of the {units} mask units of a {img_size} "
+                         f"px image: lower it or raise the image size")
 
 
 # ----------------------------------------------------------------------------
@@ -83,13 +89,10 @@ def unroll(x, mask_grid):
 
 
 def reroll(x, pooled, mask_grid=None):
-    """Unrolled tokens (B, N, C) after `pooled` q-poolings -> spatial order.
-
-    The 3 - pooled unroll levels not yet consumed are put back one at a time, finest first:
-    each level is 2x2 and coarser than those already placed, so it goes outside them.
+    """Unrolled tokens (B, N, C) after `pooled` q-poolings -> spatial order: the 3 - pooled
+    unroll levels not yet consumed are put back, finest first, each outside those placed.
     Returns (B, units, My, Mx, C) per mask unit (My = 8 / 2**pooled), or with `mask_grid`
-    (mask units per side, all of them present) the raster map (B, H, W, C).
-    """
+    (mask units per side, all present) the raster map (B, H, W, C)."""
     x = rearrange(x, "b n c -> b n 1 1 c")  # (B, N, My=1, Mx=1, C)
     for _ in range(3 - pooled):
         x = rearrange(x, "b (sy sx n) my mx c -> b n (sy my) (sx mx) c", sy=2, sx=2)
@@ -120,9 +123,9 @@ class MaskUnitAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim_out)
         self.proj = nn.Linear(dim_out, dim_out)
 
-    def forward(self, x, attn_kind=None):
+    def attend(self, x, attn_kind=None):
         """x (B, N, dim) -> (output (B, N / q_stride, dim_out), attn or None); attn_kind
-        'logits' ((q * scale) k^T) or 'probs' (their softmax) leaves the fused path."""
+        'logits' ((q * scale) k^T) or 'probs' (their softmax) leaves the fused kernel."""
         windows = x.shape[1] // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
         q, k, v = rearrange(self.qkv(x), "b (t w) (three h d) -> three b h w t d",
                             three=3, h=self.num_heads, w=windows)
@@ -142,6 +145,9 @@ class MaskUnitAttention(nn.Module):
                 attn = attn[:, :, 0]  # one window: (B, h, Nq, Nk)
         return self.proj(rearrange(out, "b h w t d -> b (t w) (h d)")), attn
 
+    def forward(self, x):
+        return self.attend(x)[0]
+
 
 class HieraBlock(nn.Module):
     """Pre-norm block; at a stage transition (dim != dim_out) the residual is
@@ -152,21 +158,30 @@ class HieraBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim_out) if dim != dim_out else None
-        self.attn = MaskUnitAttention(dim, dim_out, num_heads, q_stride, window_size,
-                                      use_mask_unit_attn)
-        self.drop_path = DropPath(drop_path)  # one rate for both branches, as the official
+        self.attn = MaskUnitAttention(dim, dim_out, num_heads, q_stride, window_size, use_mask_unit_attn)
+        self.drop_path = drop_path  # one rate for both branches, as the official
         self.norm2 = nn.LayerNorm(dim_out, eps=1e-6)
-        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio))
+        hidden = int(dim_out * mlp_ratio)  # fc1 -> exact GELU -> fc2
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim_out, hidden), act=nn.GELU(),
+                                             fc2=nn.Linear(hidden, dim_out)))
 
-    def forward(self, x, attn_kind=None):
-        """Returns (x, taps) with taps = {'norm1', 'attn'} of this block."""
+    def residual(self, y):
+        """Stochastic depth: the branch dropped for a whole sample with probability drop_path."""
+        if self.drop_path == 0.0 or not self.training:
+            return y
+        keep = y.new_empty(y.shape[0], 1, 1).bernoulli_(1.0 - self.drop_path)
+        return y * keep.div_(1.0 - self.drop_path)
+
+    def forward(self, x, attn_kind=None, taps=None):
+        """x (B, N, dim) -> (B, N / q_stride, dim_out); a dict `taps` gets 'norm1' and 'attn'."""
         h = self.norm1(x)
         if self.proj is not None:
             x = reduce(self.proj(h), "b (s n) c -> b n c", "max", s=self.attn.q_stride)
-        a, attn = self.attn(h, attn_kind)
-        x = x + self.drop_path(a)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x, {"norm1": h, "attn": attn}
+        a, attn = self.attn.attend(h, attn_kind)
+        if taps is not None:
+            taps.update(norm1=h, attn=attn)
+        x = x + self.residual(a)
+        return x + self.residual(self.mlp(self.norm2(x)))
 
 
 # ----------------------------------------------------------------------------
@@ -192,18 +207,18 @@ class Hiera(nn.Module):
     pos_embed, Linear biases 0.02, LayerNorm (1, 0.02), the head scaled by 0.001.
     """
 
-    num_prefix_tokens = 0  # no cls token: pos_embed is the (img/4)^2 grid only (util reads this)
+    num_prefix_tokens = 0  # no cls token: pos_embed is the (img/4)^2 grid only
     head_prefixes = ("norm.", "head.")  # the classifier: a pre-trained encoder need not have it
 
     def __init__(self, img_size=224, in_chans=3, embed_dim=96, num_heads=1, stages=(2, 3, 16, 3),
                  q_pool=3, num_classes=1000, mlp_ratio=4.0, drop_path_rate=0.0, head_dropout=0.0):
         super().__init__()
-        if img_size % (PATCH_STRIDE * MU):
-            raise util.ConfigError(f"Hiera needs an image size that is a multiple of 32 px (whole "
-                                   f"8x8-token mask units), got {img_size}")
+        check_size(img_size)
         if len(stages) != 4 or not 0 <= q_pool <= 3:
-            raise util.ConfigError(f"Hiera here has 4 stages and 0..3 q-pooling stages, got "
-                                   f"stages={tuple(stages)}, q_pool={q_pool}")
+            raise ValueError(f"Hiera here has 4 stages and 0..3 q-pooling stages, got "
+                             f"stages={tuple(stages)}, q_pool={q_pool}")
+        if embed_dim % num_heads:  # dims and heads double together: every stage divides alike
+            raise ValueError(f"width {embed_dim} is not divisible by {num_heads} heads")
         self.config = dict(img_size=img_size, in_chans=in_chans, embed_dim=embed_dim,
                            num_heads=num_heads, stages=list(stages), q_pool=q_pool,
                            num_classes=num_classes, mlp_ratio=mlp_ratio,
@@ -230,8 +245,7 @@ class Hiera(nn.Module):
             q_stride = Q_STRIDE if i in pool_blocks else 1
             window //= q_stride  # tokens per mask unit after this block: 64, 16, 4, 1
             mu_attn = MASK_UNIT_ATTN[stage_of[max(i - 1, 0)]]  # the one-block lag
-            self.blocks.append(HieraBlock(dim, dim_out, heads, mlp_ratio, rates[i], q_stride,
-                                          window, mu_attn))
+            self.blocks.append(HieraBlock(dim, dim_out, heads, mlp_ratio, rates[i], q_stride, window, mu_attn))
             dim = dim_out
         # poolings done up to and including block i: how far its output is from raster order
         self.pooled = [sum(p <= i for p in pool_blocks) for i in range(depth)]
@@ -240,10 +254,9 @@ class Hiera(nn.Module):
         self.head = nn.Sequential(OrderedDict(
             dropout=nn.Dropout(head_dropout),
             projection=nn.Linear(dim, num_classes))) if num_classes > 0 else nn.Identity()
-        self.init_weights()
 
-    def init_weights(self):
-        def init(m):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if isinstance(m, nn.Linear):  # the conv's bias keeps PyTorch's default, as official
@@ -251,45 +264,43 @@ class Hiera(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.constant_(m.bias, 0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(init)
-        if self.num_classes > 0:
+        if num_classes > 0:
             with torch.no_grad():  # 0.001: the initial logits are nearly uniform
                 self.head.projection.weight.mul_(0.001)
                 self.head.projection.bias.mul_(0.001)
 
-    # -- the encoder, in pieces that MAE, distillation and analysis can call ------
+    # -- the encoder, in pieces that MAE, distillation and analysis call ----------
 
-    def embed(self, imgs, mask=None):
+    def embed(self, imgs, keep=None):
         """Images (B, C, H, W) -> unrolled tokens with pos_embed (B, 64 * units, C0).
 
-        mask (B, num_mask_units) bool, True = keep: the removed units are zeroed in the
+        keep (B, num_mask_units) bool, True = keep: the removed units are zeroed in the
         image BEFORE the conv (its 7x7 window would otherwise see 3 px into a removed unit)
         and their tokens dropped; every row must keep the same number of units."""
         if imgs.shape[-2:] != (self.img_size, self.img_size):
-            raise util.ConfigError(f"expected {self.img_size}x{self.img_size} images, got "
-                                   f"{tuple(imgs.shape[-2:])}; build the model with that img_size")
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got "
+                             f"{tuple(imgs.shape[-2:])}; build the model with that img_size")
         g = self.mask_grid
-        if mask is not None:
-            if mask.shape != (imgs.shape[0], g * g) or mask.dtype != torch.bool:
-                raise util.ConfigError(f"mask must be bool ({imgs.shape[0]}, {g * g}), True = keep "
-                                       f"(one per mask unit), got {mask.dtype} {tuple(mask.shape)}")
-            kept = mask.sum(1)
+        if keep is not None:
+            if keep.shape != (imgs.shape[0], g * g) or keep.dtype != torch.bool:
+                raise ValueError(f"keep must be bool ({imgs.shape[0]}, {g * g}), True = keep "
+                                 f"(one per mask unit), got {keep.dtype} {tuple(keep.shape)}")
+            kept = keep.sum(1)
             if (kept != kept[0]).any():
-                raise util.ConfigError("every image must keep the same number of mask units")
+                raise ValueError("every image must keep the same number of mask units")
             px = PATCH_STRIDE * MU
-            imgs = imgs * repeat(mask, "b (gy gx) -> b 1 (gy py) (gx px)", gy=g, py=px, px=px)
+            imgs = imgs * repeat(keep, "b (gy gx) -> b 1 (gy py) (gx px)", gy=g, py=px, px=px)
         x = rearrange(self.patch_embed.proj(imgs), "b c h w -> b (h w) c") + self.pos_embed
         x = unroll(x, g)  # (B, 64 * units, C0)
-        if mask is not None:
-            x = rearrange(x, "b (t u) c -> b u t c", u=g * g)[mask]  # (B * k, 64, C0)
+        if keep is not None:
+            x = rearrange(x, "b (t u) c -> b u t c", u=g * g)[keep]  # (B * k, 64, C0)
             x = rearrange(x, "(b k) t c -> b (t k) c", b=imgs.shape[0])
         return x
 
-    def encode(self, x, mask=None, *, layers=(), attn=(), attn_logits=False, norm1=(), stages=(),
+    def encode(self, x, keep=None, *, layers=(), attn=(), attn_logits=False, norm1=(), stages=(),
                stop_at=None):
         """Run the blocks on unrolled tokens from `embed`, collecting the taps asked for
-        (1-based blocks; stages 1..4). `mask` is the one given to `embed`: it only decides
+        (1-based blocks; stages 1..4). `keep` is the one given to `embed`: it only decides
         how stage maps are rerolled (per kept unit, or the full raster map)."""
         last = stop_at if stop_at is not None else self.depth
         asked = set(layers) | set(attn) | set(norm1)
@@ -302,24 +313,47 @@ class Hiera(nn.Module):
         ends = {e + 1: s for s, e in enumerate(self.stage_ends, start=1)}  # last block -> stage
         taps = Taps()
         for k, blk in enumerate(self.blocks[:last], start=1):
-            kind = ("logits" if attn_logits else "probs") if k in attn else None
-            x, t = blk(x, attn_kind=kind)
-            if k in layers:
-                taps.layers[k] = x
-            if k in attn:
-                taps.attn[k] = t["attn"]
-            if k in norm1:
-                taps.norm1[k] = t["norm1"]
-            s = ends.get(k)
-            if s in stages:
-                taps.stages[s] = reroll(x, self.pooled[k - 1], None if mask is not None else self.mask_grid)
+            t = {}
+            x = blk(x, ("logits" if attn_logits else "probs") if k in attn else None, t)
+            for name, want in (("layers", layers), ("attn", attn), ("norm1", norm1)):
+                if k in want:
+                    getattr(taps, name)[k] = x if name == "layers" else t[name]
+            if ends.get(k) in stages:
+                taps.stages[ends[k]] = reroll(x, self.pooled[k - 1], None if keep is not None else self.mask_grid)
         if last == self.depth:
             taps.x = x
         return taps
 
-    def forward_features(self, imgs, mask=None):
+    def attention_layout(self, k):
+        """What block k's attention logits pair up over (distillation checks it): a q-pooling
+        block has 4x fewer queries than keys; blocks before the lag ends attend within units."""
+        pooled = [0, *self.pooled]  # poolings done before block k: pooled[k - 1]
+        attn = self.blocks[k - 1].attn
+        where = "within mask units" if attn.use_mask_unit_attn else "globally"
+        return (f"{where} with {MU * MU // 4 ** pooled[k]} queries x {MU * MU // 4 ** pooled[k - 1]} "
+                f"keys per mask unit")
+
+    def token_centres(self):
+        """Per block (queries (windows, Tq, 2), keys (windows, Tk, 2)): pixel centres (y, x)
+        laid out as its attention is. Each token's centre goes through the model's own
+        reordering: unroll, then at every q-pooling the mean of the 4 pooled tokens."""
+        n, s = self.token_grid, PATCH_STRIDE
+        rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        pos = torch.stack([rows, cols], -1).double() * s + s / 2  # (n, n, 2) px
+        pos = unroll(rearrange(pos, "h w c -> 1 (h w) c"), self.mask_grid)[0]  # (N, 2), unrolled
+        centres = []
+        for blk in self.blocks:
+            a = blk.attn
+            windows = pos.shape[0] // (a.q_stride * a.window_size) if a.use_mask_unit_attn else 1
+            keys = rearrange(pos, "(t w) c -> w t c", w=windows)
+            queries = reduce(keys, "w (s t) c -> w t c", "mean", s=a.q_stride)
+            centres.append((queries, keys))
+            pos = rearrange(queries, "w t c -> (t w) c")  # the block's output order
+        return centres
+
+    def forward_features(self, imgs, keep=None):
         """Images -> the last block's tokens (B, n, C_last) (timm's convention)."""
-        return self.encode(self.embed(imgs, mask), mask).x
+        return self.encode(self.embed(imgs, keep), keep).x
 
     def forward_head(self, x, pre_logits=False):
         x = self.norm(x.mean(dim=1))  # mean over tokens, then LayerNorm
@@ -331,81 +365,162 @@ class Hiera(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Presets: the official models (facebookresearch/hiera) and MAE-Lite's student.
+# MAE on Hiera
+
+
+def random_unit_mask(noise, mask_ratio):
+    """One decision per mask unit, as MAE decides per patch: argsort of uniform noise (B, U),
+    the int(U * (1 - mask_ratio)) smallest kept. -> keep (B, U) bool, True = KEEP."""
+    ids_keep = torch.argsort(noise, dim=1)[:, :int(noise.shape[1] * (1 - mask_ratio))]
+    return torch.zeros(noise.shape, dtype=torch.bool, device=noise.device).scatter_(1, ids_keep, True)
+
+
+def patchify_hiera(imgs, s):
+    """[B, C, H, W] -> [B, L, C*s*s]: s x s patches in raster order, each vector ordered
+    (C, py, px), channel SLOWEST (official Hiera's label; MAE's patchify is (py, px, C))."""
+    return rearrange(imgs, "b c (h py) (w px) -> b (h w) (c py px)", py=s, px=s)
+
+
+def unpatchify_hiera(x, s):
+    """[B, L, C*s*s] -> [B, C, H, W] for a square grid (the inverse of patchify_hiera)."""
+    return rearrange(x, "b (h w) (c py px) -> b c (h py) (w px)", h=math.isqrt(x.shape[1]), py=s, px=s)
+
+
+class MaskedAutoencoderHiera(Hiera):
+    """MAE with a Hiera encoder and the official MaskedAutoencoderHiera's parameter names
+    (module docstring). forward(imgs, mask_ratio, noise) -> (pred [B, L, C*s*s], target
+    [B, L, C*s*s], mask [B, L]) for all L = (img / s)^2 patches of s = pred_stride px in
+    raster order, as MaskedAutoencoderViT; mask is 1 where the patch's unit was removed."""
+
+    def __init__(self, img_size=224, in_chans=3, embed_dim=96, num_heads=1, stages=(2, 3, 16, 3),
+                 q_pool=2, mlp_ratio=4.0, decoder_embed_dim=512, decoder_depth=8,
+                 decoder_num_heads=16, norm_pix_loss=True, drop_path_rate=0.0):
+        super().__init__(img_size=img_size, in_chans=in_chans, embed_dim=embed_dim,
+                         num_heads=num_heads, stages=stages, q_pool=q_pool, num_classes=0,
+                         mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate)
+        self.config = dict(img_size=img_size, in_chans=in_chans, embed_dim=embed_dim,
+                           num_heads=num_heads, stages=list(stages), q_pool=q_pool,
+                           mlp_ratio=mlp_ratio, decoder_embed_dim=decoder_embed_dim,
+                           decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
+                           norm_pix_loss=norm_pix_loss, drop_path_rate=drop_path_rate)
+        if decoder_embed_dim % decoder_num_heads:
+            raise ValueError(f"decoder width {decoder_embed_dim} is not divisible by {decoder_num_heads} heads")
+        self.norm_pix_loss = norm_pix_loss
+        self.norm = nn.Identity()  # no classifier (the official deletes norm and head)
+        C = self.num_features
+        self.encoder_norm = nn.LayerNorm(C, eps=1e-6)
+        # Fusion: stages 1..q_pool (their units are 8, 4, ... tokens wide) are brought to the
+        # last stage's unit size (8 / 2^q_pool) and width by a conv with kernel = stride.
+        self.fusion_stages = (*range(1, q_pool + 1), 4)
+        self.final_unit_size = MU // 2 ** q_pool  # tokens per unit side at the end: 2 at q_pool 2
+        self.multi_scale_fusion_heads = nn.ModuleList(
+            [nn.Conv2d(embed_dim * 2 ** (s - 1), C, kernel_size=2 ** (q_pool - s + 1),
+                       stride=2 ** (q_pool - s + 1)) for s in range(1, q_pool + 1)] + [nn.Identity()])
+
+        self.pred_stride = PATCH_STRIDE * 2 ** q_pool  # px per predicted patch: 16 at q_pool 2
+        self.pred_grid = self.mask_grid * self.final_unit_size  # 14 at 224 px
+        self.decoder_embed = nn.Linear(C, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.pred_grid ** 2, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList(  # global attention: plain ViT blocks
+            HieraBlock(decoder_embed_dim, decoder_embed_dim, decoder_num_heads, mlp_ratio)
+            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.pred_stride ** 2 * in_chans)
+        # The official MAE init over the whole model, encoder included: xavier Linear, zero
+        # bias, LayerNorm (1, 0), the patch conv as a (C0, 3*7*7) matrix; pos_embed keeps
+        # Hiera's trunc-normal, the conv biases and fusion convs PyTorch's default.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+
+    def masking(self, noise, mask_ratio):
+        """noise [B, U] -> (keep [B, U] bool, True = kept unit; mask [B, L] float, 1 where
+        the predicted patch's unit was removed)."""
+        keep, r = random_unit_mask(noise, mask_ratio), self.final_unit_size
+        return keep, repeat((~keep).float(), "b (gy gx) -> b (gy y gx x)", gy=self.mask_grid, y=r, x=r)
+
+    def forward_encoder(self, imgs, keep, **taps):
+        """keep [B, U] -> (fused latent [B, k, r, r, C_last], the encoder's Taps). Keyword taps
+        (attn=, attn_logits=, layers=, norm1=) are collected in the same pass."""
+        stages = sorted(set(self.fusion_stages) | set(taps.pop("stages", ())))
+        t = self.encode(self.embed(imgs, keep), keep, stages=stages, **taps)
+        x = 0.0
+        for s, head in zip(self.fusion_stages, self.multi_scale_fusion_heads):
+            y = rearrange(t.stages[s], "b k y x c -> (b k) c y x")  # each kept unit as an image
+            x = x + rearrange(head(y), "(b k) c y x -> b k y x c", b=imgs.shape[0])
+        return self.encoder_norm(x), t
+
+    def forward_decoder(self, x, keep):
+        """latent [B, k, r, r, C_last], keep [B, U] -> pred [B, L, C*s*s] (raster order)."""
+        x = self.decoder_embed(x)  # [B, k, r, r, Dd]
+        full = x.new_zeros(*keep.shape, *x.shape[2:])  # [B, U, r, r, Dd]
+        full[keep] = rearrange(x, "b k y x d -> (b k) y x d")  # kept units, ascending per image
+        full = torch.where(rearrange(keep, "b u -> b u 1 1 1"), full, self.mask_token.to(x.dtype))
+        x = rearrange(full, "b (gy gx) y x d -> b (gy y gx x) d", gy=self.mask_grid)
+        x = x + self.decoder_pos_embed  # [B, L, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def patchify(self, imgs):
+        return patchify_hiera(imgs, self.pred_stride)
+
+    def unpatchify(self, x):
+        return unpatchify_hiera(x, self.pred_stride)
+
+    def forward(self, imgs, mask_ratio=0.6, noise=None):
+        if noise is None:
+            noise = torch.rand(imgs.shape[0], self.num_mask_units, device=imgs.device)
+        keep, mask = self.masking(noise, mask_ratio)
+        latent, _ = self.forward_encoder(imgs, keep)
+        return self.forward_decoder(latent, keep), self.patchify(imgs), mask
+
+
+# ----------------------------------------------------------------------------
+# Presets: the official models (facebookresearch/hiera) and MAE-Lite's student. A
+# classifier pools 3 times; MAE pre-trains at q_pool 2 (MAE_HIERA_PRESETS).
 
 HIERA_PRESETS = {
     "hiera_tiny_224": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2)),
     "hiera_small_224": dict(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2)),
     "hiera_base_224": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3)),
-    # MAE-Lite (IJCV): dims 46/92/184/368, heads 1/2/4/8 (head_dim 46); q_pool 3 to
-    # fine-tune, 2 in MAE pre-training (mae_pretrain.mae_hiera_tiny).
-    "hiera_lite_tiny": dict(embed_dim=46, num_heads=1, stages=(1, 2, 7, 2)),
+    "hiera_lite_tiny": dict(embed_dim=46, num_heads=1, stages=(1, 2, 7, 2)),  # dims 46..368, heads 1..8
+}
+# mae_hiera_tiny is MAE-Lite's student with its 96 x 1 x 3 decoder; the others the official (512 x 8 x 16).
+MAE_HIERA_PRESETS = {
+    "mae_hiera_tiny": dict(HIERA_PRESETS["hiera_lite_tiny"], decoder_embed_dim=96, decoder_depth=1,
+                           decoder_num_heads=3),
+    "mae_hiera_base": HIERA_PRESETS["hiera_base_224"],
+    **{"mae_" + k: v for k, v in HIERA_PRESETS.items() if k.endswith("_224")},
 }
 
 
 def create_hiera(name, **overrides):
-    """A preset by name with keyword overrides (img_size, q_pool, num_classes,
-    drop_path_rate, ...; None values are ignored)."""
-    if name not in HIERA_PRESETS:
-        raise util.ConfigError(f"unknown model {name!r}; choose from {', '.join(HIERA_PRESETS)}")
-    return Hiera(**{**HIERA_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+    """A preset of HIERA_PRESETS (a Hiera) or MAE_HIERA_PRESETS (a MaskedAutoencoderHiera)
+    by name, with keyword overrides (None values are ignored)."""
+    presets = MAE_HIERA_PRESETS if name in MAE_HIERA_PRESETS else HIERA_PRESETS
+    if name not in presets:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join([*HIERA_PRESETS, *MAE_HIERA_PRESETS])}")
+    cls = MaskedAutoencoderHiera if presets is MAE_HIERA_PRESETS else Hiera
+    return cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def hiera_tiny_224(**kw):
     return create_hiera("hiera_tiny_224", **kw)
 
 
-def hiera_small_224(**kw):
-    return create_hiera("hiera_small_224", **kw)
-
-
 def hiera_base_224(**kw):
     return create_hiera("hiera_base_224", **kw)
 
 
-def hiera_lite_tiny(**kw):
-    return create_hiera("hiera_lite_tiny", **kw)
-
-
-# ----------------------------------------------------------------------------
-# The architecture of a checkpoint, read from its weights
-
-HEADS_BY_WIDTH = {96: 1, 46: 1, 112: 2, 144: 2, 256: 4}  # the official sizes and MAE-Lite's
-
-
-def infer_hiera_config(path_or_obj, name=None):
-    """Hiera / MAE-Hiera constructor arguments from a checkpoint in any util-readable layout.
-
-    From the weights: embed_dim, in_chans, img_size (pos_embed's grid), stages (where the
-    block width doubles), mlp_ratio, num_classes, and for an MAE checkpoint q_pool (one
-    fusion conv per pooling stage) and the decoder's size. Not in the weights: the initial
-    head count (the recorded model_config's, else the official count for that width; see
-    'heads_inferred') and a classifier's q_pool (recorded, else the official 3)."""
-    name = name or str(path_or_obj)
-    obj = util.load_checkpoint(path_or_obj) if isinstance(path_or_obj, (str, Path)) else path_or_obj
-    sd = util.read_state_dict(obj, name=name)
-    if util.checkpoint_family(sd) != "Hiera":
-        raise util.CheckpointError(f"{name}: is a ViT checkpoint, not a Hiera (no block changes width)")
-    saved = (obj.get("model_config") if isinstance(obj, dict) else None) or {}
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    needed = ["pos_embed", *(f"blocks.{i}.mlp.fc{j}.weight" for i in range(depth) for j in (1, 2))]
-    if any(k not in sd for k in needed):  # what the architecture is read from
-        raise util.CheckpointError(f"{name}: has no {next(k for k in needed if k not in sd)} (a partial "
-                                   f"checkpoint?); the architecture cannot be read from it")
-    widths = [sd[f"blocks.{i}.mlp.fc2.weight"].shape[0] for i in range(depth)]
-    stages = [sum(1 for w in widths if w == widths[0] * 2 ** s) for s in range(4)]
-    D, C = sd["patch_embed.proj.weight"].shape[:2]
-    cfg = dict(embed_dim=D, in_chans=C, img_size=math.isqrt(sd["pos_embed"].shape[1]) * PATCH_STRIDE,
-               stages=stages, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / widths[0],
-               num_heads=saved.get("num_heads") or HEADS_BY_WIDTH.get(D, 1),
-               heads_inferred="num_heads" not in saved,
-               q_pool=saved.get("q_pool", 3),
-               num_classes=sd["head.projection.weight"].shape[0] if "head.projection.weight" in sd else 0)
-    if "decoder_embed.weight" in sd:
-        Dd = sd["decoder_embed.weight"].shape[0]
-        cfg.update(q_pool=sum(1 for k in sd if re.fullmatch(r"multi_scale_fusion_heads\.\d+\.weight", k)),
-                   decoder_embed_dim=Dd,
-                   decoder_depth=len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")}),
-                   decoder_num_heads=saved.get("decoder_num_heads") or max(1, Dd // 32))
-        del cfg["num_classes"]
-    return cfg
+def mae_hiera_tiny(**kw):
+    return create_hiera("mae_hiera_tiny", **kw)

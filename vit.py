@@ -1,27 +1,22 @@
 """The Vision Transformer backbone shared by every stage (Dosovitskiy et al. 2021).
 
-A plain pre-norm ViT whose state_dict has exactly timm's names and shapes, so the
-checkpoints in the wild (official MAE, timm, DeiT, MAE-Lite, TinyMIM) load into it
-and what it saves loads into timm:
+Depends on torch and einops only: copy this file alone. A plain pre-norm ViT whose
+state_dict has exactly timm's names and shapes, so the checkpoints in the wild (official
+MAE, timm, DeiT, MAE-Lite, TinyMIM) load into it and what it saves loads into timm:
 
     cls_token [1,1,D]   pos_embed [1,1+N,D]   patch_embed.proj [D,C,p,p]
     blocks.i.{norm1, attn.qkv [3D,D], attn.proj, norm2, mlp.fc1 [4D,D], mlp.fc2}
     norm (cls-token pooling) or fc_norm (mean pooling, then there is no norm)   head
 
-Numerics follow timm/MAE: LayerNorm eps 1e-6, exact GELU, scale head_dim^-0.5, and
-the fused qkv projection laid out as (three, heads, head_dim).
+Numerics follow timm/MAE: LayerNorm eps 1e-6, exact GELU, scale head_dim^-0.5, and the
+fused qkv projection laid out as (three, heads, head_dim). rel_pos_bias=True adds BEiT's
+relative position bias to every block (MAE-Lite's "impr.+RPE" fine-tuning), with BEiT's
+names: blocks.i.attn.relative_position_bias_table [(2G-1)^2 + 3, heads] (zero-initialised)
+and the fixed buffer blocks.i.attn.relative_position_index [1+G*G, 1+G*G].
 
-Option (off by default, so the plain model stays timm's ViT): rel_pos_bias=True adds
-BEiT's relative position bias to every block's attention logits (MAE-Lite's "impr.+RPE"
-fine-tuning), with BEiT's / timm Beit's names:
+Public hooks for MAE, distillation and analysis (no other file reaches inside a block):
 
-    blocks.i.attn.relative_position_bias_table [(2G-1)^2 + 3, heads]   zero-initialised
-    blocks.i.attn.relative_position_index      [1+G*G, 1+G*G]          fixed (a buffer)
-
-Public hooks for distillation and analysis (no other file reaches inside a block):
-
-    tokens = vit.embed(imgs)                     # (B, N, D) patch tokens + pos_embed
-    tokens = gather_tokens(tokens, ids_keep)     # any subset: MAE masking, AMD's teacher
+    tokens = vit.embed(imgs, keep=ids_keep)      # (B, n, D) kept patch tokens + pos_embed
     taps = vit.encode(tokens, layers=(6, 12), attn=(12,), attn_logits=True,
                       qkv=(18,), norm1=range(1, 13), stop_at=18)
     taps.x          # final normalized tokens (B, 1+n, D); None if stopped early
@@ -30,11 +25,11 @@ Public hooks for distillation and analysis (no other file reaches inside a block
     taps.qkv[18]    # (q, k, v), each (B, heads, 1+n, head_dim)
     taps.norm1[3]   # block 3's LayerNorm'd input (what MAE-Lite's CKA compares)
 
-Layers are numbered 1..depth as in the papers ("block 18 of 24"). Only blocks
-named in `attn` materialise the attention matrix; every other block runs
-F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU). With
-`stop_at=k` nothing after block k runs, and if block k is needed only for its
-q/k/v or norm1 (TinyMIM's teacher), its attention and MLP are skipped too.
+Layers are numbered 1..depth as in the papers ("block 18 of 24"). Only blocks named in
+`attn` materialise the attention matrix; every other block runs
+F.scaled_dot_product_attention (flash / memory-efficient kernels on a GPU). With
+`stop_at=k` nothing after block k runs, and if block k is needed only for its q/k/v or
+norm1 (TinyMIM's teacher), its attention and MLP are skipped too.
 """
 import math
 from dataclasses import dataclass, field
@@ -45,21 +40,21 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 # ----------------------------------------------------------------------------
-# Position embeddings
+# Position embeddings and token selection
 
 
 def sincos_pos_embed(dim, grid_size, cls_token=True):
     """Fixed 2-D sin-cos position embedding, exactly as MAE computes it.
 
-    For patch token k = row * W + col, channels [0, D/2) encode the COLUMN and
-    [D/2, D) the ROW; each half is [sin(pos * w), cos(pos * w)] with
-    w_j = 10000^(-j / (D/4)), j < D/4, computed in float64. The cls row is zero.
-    (MAE's code names these halves emb_h/emb_w the other way round; the layout
-    here is what its released checkpoints hold.)
+    For patch token k = row * W + col, channels [0, D/2) encode the COLUMN and [D/2, D) the
+    ROW; each half is [sin(pos * w), cos(pos * w)] with w_j = 10000^(-j / (D/4)), j < D/4,
+    computed in float64. The cls row is zero. (MAE's code names these halves emb_h/emb_w
+    the other way round; the layout here is what its released checkpoints hold.)
     Returns (1 + H*W, D) float32, or (H*W, D) without the cls row.
     """
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
-    assert dim % 4 == 0, f"sin-cos position embedding needs a width divisible by 4, got {dim}"
+    if dim % 4:
+        raise ValueError(f"a sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64),
                                 torch.arange(gw, dtype=torch.float64), indexing="ij")
@@ -75,11 +70,8 @@ def sincos_pos_embed(dim, grid_size, cls_token=True):
 
 
 def interpolate_pos_embed(pos_embed, new_grid, num_prefix_tokens=1):
-    """Resize a [1, prefix + H*W, D] position embedding to a new patch grid.
-
-    Only the patch-grid part is resized (bicubic, align_corners=False, as MAE and
-    DeiT do); the cls row is kept as is. `new_grid` is an int or (H, W).
-    """
+    """Resize a [1, prefix + H*W, D] position embedding to a new patch grid (an int or (H, W)).
+    Only the grid part is resized (bicubic, align_corners=False, as MAE and DeiT do)."""
     new_h, new_w = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(grid.shape[1])
@@ -104,8 +96,7 @@ def relative_position_index(grid_size):
     Query patch (r, c) and key patch (r', c'), row-major as the tokens: their offset
     (r - r', c - c') in [-(G-1), G-1]^2 gets the entry (r - r' + G-1) * (2G-1) + (c - c' + G-1)
     of a table of (2G-1)^2 offsets. Three more entries for the cls token, as BEiT orders them:
-    (2G-1)^2 for the cls query (row 0, "cls to token"), +1 for the cls key (column 0,
-    "token to cls"), +2 for cls to cls. Every pair at the same offset shares one bias.
+    (2G-1)^2 for the cls query (row 0), +1 for the cls key (column 0), +2 for cls to cls.
     """
     G = grid_size
     rows, cols = torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij")
@@ -114,10 +105,20 @@ def relative_position_index(grid_size):
     n = (2 * G - 1) ** 2
     index = torch.empty(1 + G * G, 1 + G * G, dtype=torch.long)
     index[1:, 1:] = offset  # (G*G, G*G): query patch x key patch
-    index[0, :] = n  # the cls query
-    index[:, 0] = n + 1  # the cls key
-    index[0, 0] = n + 2
+    index[0, :], index[:, 0], index[0, 0] = n, n + 1, n + 2  # cls query, cls key, cls to cls
     return index
+
+
+def init_weights(module):
+    """MAE's init for one module (use as model.apply(init_weights)): xavier-uniform Linear
+    (qkv as one matrix), zero bias, LayerNorm (1, 0)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 # ----------------------------------------------------------------------------
@@ -162,8 +163,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection laid out (three, heads, head_dim).
 
     rel_pos_grid=G adds BEiT's relative position bias for a cls token + G x G patches to the
-    logits: softmax(q k^T / sqrt(d) + B) v with B[h, i, j] = table[index[i, j], h] (see
-    relative_position_index); the table starts at zero, so a fresh one changes nothing.
+    logits: softmax(q k^T / sqrt(d) + B) v with B[h, i, j] = table[index[i, j], h]; the table
+    starts at zero, so a fresh one changes nothing.
     """
 
     def __init__(self, dim, num_heads, qkv_bias=True, rel_pos_grid=None):
@@ -175,9 +176,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_grid = rel_pos_grid
-        if rel_pos_grid:
-            # Persistent, as BEiT and MAE-Lite save it (timm's Beit does not): util.load_pretrained
-            # checks a file's index against this one and never needs it.
+        if rel_pos_grid:  # persistent, as BEiT and MAE-Lite save it (a loader checks a file's)
             self.register_buffer("relative_position_index", relative_position_index(rel_pos_grid))
             self.relative_position_bias_table = nn.Parameter(
                 torch.zeros((2 * rel_pos_grid - 1) ** 2 + 3, num_heads))
@@ -190,12 +189,11 @@ class Attention(nn.Module):
 
     def qkv_heads(self, x):
         """x (B, N, D) -> q, k, v, each (B, heads, N, head_dim)."""
-        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        return qkv.unbind(0)
+        return rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
 
-    def forward(self, x, attn_kind=None):
-        """Returns (output, (q, k, v), attn); attn is None unless attn_kind is
-        'logits' (q k^T * scale) or 'probs' (their softmax), which leaves the fused path."""
+    def attend(self, x, attn_kind=None):
+        """-> (output, (q, k, v), attn); attn is None unless attn_kind is 'logits'
+        (q k^T * scale) or 'probs' (their softmax), which leaves the fused kernel."""
         q, k, v = self.qkv_heads(x)
         bias = self.rel_pos_bias()  # (h, N, N) or None
         if bias is not None:
@@ -213,6 +211,9 @@ class Attention(nn.Module):
             out = probs @ v
             attn = logits if attn_kind == "logits" else probs
         return self.proj(rearrange(out, "b h n d -> b n (h d)")), (q, k, v), attn
+
+    def forward(self, x):
+        return self.attend(x)[0]
 
 
 class Mlp(nn.Module):
@@ -237,13 +238,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, attn_kind=None):
-        """Returns (x, taps) with taps = {'norm1', 'qkv', 'attn'} of this block."""
+    def forward(self, x, attn_kind=None, taps=None):
+        """x (B, N, D) -> x; a dict `taps` gets this block's 'norm1', 'qkv' and 'attn'."""
         h = self.norm1(x)
-        a, qkv, attn = self.attn(h, attn_kind)
+        a, qkv, attn = self.attn.attend(h, attn_kind)
+        if taps is not None:
+            taps.update(norm1=h, qkv=qkv, attn=attn)
         x = x + self.drop_path(a)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x, {"norm1": h, "qkv": qkv, "attn": attn}
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 # ----------------------------------------------------------------------------
@@ -263,26 +265,23 @@ class Taps:
 class VisionTransformer(nn.Module):
     """ViT with a cls token, timm's parameter names and the MAE initialisation.
 
-    global_pool: 'token' -> norm, then the cls token; 'avg' -> mean of the patch
-    tokens, then fc_norm (MAE fine-tuning; there is no `norm` then).
-    pos_embed: 'learnable' (trunc-normal 0.02, timm) or 'sincos' (fixed, MAE
-    pre-training; still stored in the state_dict, as MAE stores it).
-    last_block_heads: head count of the last block only, at the same width
-    (TinyMIM's adaptive block); the parameter shapes do not change.
-    num_classes=0 gives no head (an encoder, as MAE pre-training uses).
-    rel_pos_bias: BEiT's relative position bias in every block, one zero-initialised table
-    per block (not shared), on top of pos_embed (MAE-Lite's "impr.+RPE" fine-tuning). It
-    is defined on the full grid: masked (MAE) inputs are refused.
+    global_pool: 'token' -> norm, then the cls token; 'avg' -> mean of the patch tokens,
+    then fc_norm (MAE fine-tuning; there is no `norm` then). pos_embed: 'learnable'
+    (trunc-normal 0.02, timm) or 'sincos' (fixed, MAE pre-training; still in the state_dict,
+    as MAE stores it). last_block_heads: the head count of the last block only, same width
+    (TinyMIM's adaptive block). num_classes=0: no head. rel_pos_bias: one zero-initialised
+    BEiT table per block, defined on the full grid (masked inputs are refused).
     """
+
+    num_prefix_tokens = 1  # the cls token: rows of pos_embed before the patch grid
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, global_pool="token",
                  drop_path_rate=0.0, pos_embed="learnable", last_block_heads=None, rel_pos_bias=False):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        if pos_embed not in ("learnable", "sincos"):
-            raise ValueError(f"pos_embed must be 'learnable' or 'sincos', got {pos_embed!r}")
+        if global_pool not in ("token", "avg") or pos_embed not in ("learnable", "sincos"):
+            raise ValueError(f"global_pool must be 'token' or 'avg' and pos_embed 'learnable' or "
+                             f"'sincos', got {global_pool!r}, {pos_embed!r}")
         # Plain-data constructor arguments: saved with checkpoints so a model can be rebuilt.
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                            num_classes=num_classes, embed_dim=embed_dim, depth=depth,
@@ -297,7 +296,6 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim),
                                       requires_grad=(pos_embed == "learnable"))
-        self.pos_embed_type = pos_embed
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # linear stochastic-depth ramp
         heads = [num_heads] * (depth - 1) + [last_block_heads or num_heads]
         grid = self.patch_embed.grid_size if rel_pos_bias else None
@@ -307,45 +305,32 @@ class VisionTransformer(nn.Module):
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
 
-    @staticmethod
-    def init_module(m):
-        """MAE's init: xavier-uniform Linear (qkv as one matrix), zero bias, LayerNorm (1, 0)."""
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def init_weights(self):
-        self.apply(self.init_module)
+        self.apply(init_weights)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the conv as a (D, C*p*p) matrix
         # its bias keeps Conv2d's default uniform(+-1/sqrt(C*p*p)) init, as MAE leaves it
         nn.init.normal_(self.cls_token, std=0.02)
         with torch.no_grad():
-            if self.pos_embed_type == "sincos":
-                grid = self.patch_embed.grid_size
-                self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, grid)[None])
+            if pos_embed == "sincos":
+                self.pos_embed.copy_(sincos_pos_embed(embed_dim, self.patch_embed.grid_size)[None])
             else:
                 nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if isinstance(self.head, nn.Linear):  # the MAE fine-tuning head init
+        if num_classes > 0:  # the MAE fine-tuning head init
             nn.init.trunc_normal_(self.head.weight, std=2e-5)
             nn.init.zeros_(self.head.bias)
 
-    # -- the encoder, in pieces that distillation and analysis can call -----------
+    # -- the encoder, in pieces that MAE, distillation and analysis call ------------
 
-    def embed(self, imgs):
-        """Images (B, C, H, W) -> patch tokens with their position embedding (B, N, D)."""
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
+    def embed(self, imgs, keep=None):
+        """Images (B, C, H, W) -> patch tokens with their position embedding (B, N, D), or
+        only the kept ones (B, n, D) for keep (B, n) patch indices (MAE's masking)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        return x if keep is None else gather_tokens(x, keep)
 
     def encode(self, x, *, layers=(), attn=(), attn_logits=False, qkv=(), norm1=(), stop_at=None):
-        """Prepend the cls token to patch tokens x (B, n, D) (any subset, position
-        embedding already added) and run the blocks, collecting the taps asked for
-        (1-based layer numbers). See the module docstring."""
+        """Prepend the cls token to patch tokens x (B, n, D) from `embed` and run the blocks,
+        collecting the taps asked for (1-based layers; see the module docstring)."""
         last = stop_at if stop_at is not None else self.depth
         asked = set(layers) | set(attn) | set(qkv) | set(norm1)
         if not 1 <= last <= self.depth or any(not 1 <= k <= last for k in asked):
@@ -363,19 +348,18 @@ class VisionTransformer(nn.Module):
                 if k in qkv:
                     taps.qkv[k] = blk.attn.qkv_heads(h)
                 return taps
-            kind = ("logits" if attn_logits else "probs") if k in attn else None
-            x, t = blk(x, attn_kind=kind)
-            if k in layers:
-                taps.layers[k] = x
-            if k in attn:
-                taps.attn[k] = t["attn"]
-            if k in qkv:
-                taps.qkv[k] = t["qkv"]
-            if k in norm1:
-                taps.norm1[k] = t["norm1"]
+            t = {}
+            x = blk(x, ("logits" if attn_logits else "probs") if k in attn else None, t)
+            for name, want in (("layers", layers), ("attn", attn), ("qkv", qkv), ("norm1", norm1)):
+                if k in want:
+                    getattr(taps, name)[k] = x if name == "layers" else t[name]
         if last == self.depth:
             taps.x = self.norm(x)
         return taps
+
+    def attention_layout(self, k):
+        """What block k's attention logits pair up over (distillation checks it)."""
+        return f"globally over the cls token and {self.num_patches} patch tokens"
 
     def forward_features(self, imgs):
         """Images -> final normalized tokens (B, 1+N, D), cls first (timm's convention)."""
@@ -391,8 +375,8 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Presets (width / depth / heads). Override anything: vit_tiny(num_heads=12) is
-# MAE-Lite's tiny, vit_tiny(num_heads=6) TinyMIM's.
+# Presets (width / depth / heads). Override anything: vit_tiny(num_heads=12) is MAE-Lite's
+# tiny, vit_tiny(num_heads=6) TinyMIM's.
 
 VIT_PRESETS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -407,8 +391,7 @@ def create_vit(name, **overrides):
     """A preset by name with keyword overrides (None values are ignored)."""
     if name not in VIT_PRESETS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(VIT_PRESETS)}")
-    kwargs = {**VIT_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return VisionTransformer(**kwargs)
+    return VisionTransformer(**{**VIT_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def vit_tiny(**kw):

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import analyze
+import checkpoints as ckpts
+import data
 import mae_pretrain
 import util
-from analyze import MinibatchCKA, attention_distance, attention_entropy, hsic1, linear_cka
+from analyze import MinibatchCKA, attention_distance, attention_entropy, hsic1, linear_cka, patch_distances
 from conftest import TINY_DATA, run_script
 from vit import VisionTransformer
 
@@ -132,16 +134,16 @@ def test_hsic1_needs_at_least_four_samples():
 
 def test_uniform_attention_on_a_14x14_grid_gives_the_reference_distance_and_entropy():
     attn = torch.full((2, 3, 196, 196), 1 / 196)
-    dist = attention_distance(attn, grid_size=14, patch_size=16)
+    dist = attention_distance(attn, patch_distances(14, 16))
     assert dist.shape == (3,)
     assert dist.tolist() == pytest.approx([116.49] * 3, abs=0.005)  # 7.2808 patches x 16 px
-    assert attention_distance(attn, 14, 1).tolist() == pytest.approx([7.2808] * 3, abs=5e-5)
+    assert attention_distance(attn, patch_distances(14, 1)).tolist() == pytest.approx([7.2808] * 3, abs=5e-5)
     assert attention_entropy(attn).tolist() == pytest.approx([math.log(196)] * 3, abs=1e-6)
 
 
 def test_one_hot_self_attention_has_zero_distance_and_zero_entropy():
     attn = torch.eye(49).expand(2, 4, 49, 49)  # every query attends only to itself
-    assert attention_distance(attn, 7, 16).tolist() == [0.0] * 4
+    assert attention_distance(attn, patch_distances(7, 16)).tolist() == [0.0] * 4
     assert attention_entropy(attn).tolist() == [0.0] * 4
 
 
@@ -193,18 +195,18 @@ def test_the_command_compares_mae_lite_features_and_patch_attention(analysis, ch
     # Recompute what the command should have computed from vit.py's taps, independently
     # of analyze.py's feature code: norm1 of each block and the final norm, cls dropped.
     args = analyze.get_args_parser().parse_args(["x", *TINY_DATA])
-    ds, _ = util.build_dataset(args, train=False, transform=util.eval_transform(32))
-    imgs = util.normalize(torch.stack([ds[i][0] for i in range(len(ds))]))
+    ds, _ = data.build_dataset(args, train=False, transform=data.eval_transform(32))
+    imgs = data.normalize(torch.stack([ds[i][0] for i in range(len(ds))]))
     feats, dists = [], []
     for path, heads in zip(checkpoints, (3, 6)):
         model = VisionTransformer(img_size=32, patch_size=8, num_classes=0, embed_dim=192, depth=12,
                                   num_heads=heads).eval()
-        util.load_pretrained(model, path, verbose=False)
+        ckpts.load_pretrained(model, ckpts.load(path), str(path), verbose=False)
         with torch.no_grad():
             taps = model.encode(model.embed(imgs), norm1=range(1, 13), attn=(12,))
         feats.append([taps.norm1[k][:, 1:].flatten(1) for k in range(1, 13)] + [taps.x[:, 1:].flatten(1)])
         a = taps.attn[12][:, :, 1:, 1:]
-        dists.append(attention_distance(a / a.sum(-1, keepdim=True), 4, 8))
+        dists.append(attention_distance(a / a.sum(-1, keepdim=True), patch_distances(4, 8)))
     expected = np.array([[linear_cka(fa, fb, debiased=True).item() for fb in feats[1]] for fa in feats[0]])
     assert np.allclose(np.load(analysis[1] / "cka_mae_a_vs_mae_b.npy"), expected, atol=1e-6)
     stats = json.loads((analysis[1] / "attention.json").read_text())["models"]
@@ -220,14 +222,14 @@ def test_a_last_batch_under_four_images_joins_the_one_before():
 def test_batches_of_fewer_than_four_images_are_refused(checkpoints, tmp_path):
     args = analyze.get_args_parser().parse_args(
         [str(checkpoints[0]), *TINY_DATA, "--batch_size", "3", "--output_dir", str(tmp_path)])
-    with pytest.raises(util.ConfigError, match="--batch_size 3: HSIC_1 needs at least 4 images per batch"):
+    with pytest.raises(util.ConfigError, match="--batch_size 3: HSIC_1 needs at least 4 images"):
         analyze.main(args)
 
 
 @pytest.fixture
 def encoder_only(checkpoints, tmp_path):
     """The official layout of mae_pretrain_vit_*.pth: {'model': encoder}, no decoder."""
-    sd = util.read_state_dict(checkpoints[0])
+    sd = ckpts.read_state_dict(ckpts.load(checkpoints[0]), str(checkpoints[0]))
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}}, path)
     return path

@@ -4,6 +4,7 @@ import argparse
 import pytest
 import torch
 
+import checkpoints
 import util
 from mae_pretrain import MaskedAutoencoderViT
 from vit import VisionTransformer
@@ -88,10 +89,10 @@ def test_corrupt_missing_and_non_checkpoint_files_name_the_file(tmp_path):
         util.load_checkpoint(tmp_path / "nope.pth")
     notes = save(tmp_path, "notes.pth", {"lr": 0.1, "epoch": 3})
     with pytest.raises(util.CheckpointError, match="notes.pth: unknown layout"):
-        util.load_pretrained(make_vit(0), notes, verbose=False)
+        checkpoints.load_pretrained(make_vit(0), checkpoints.load(notes), str(notes), verbose=False)
     other = save(tmp_path, "resnet.pth", {"conv1.weight": torch.zeros(64, 3, 7, 7)})
     with pytest.raises(util.CheckpointError, match="resnet.pth: unknown layout: no ViT patch_embed"):
-        util.load_pretrained(make_vit(0), other, verbose=False)
+        checkpoints.load_pretrained(make_vit(0), checkpoints.load(other), str(other), verbose=False)
 
 
 # -- formats in the wild -------------------------------------------------------------
@@ -102,7 +103,7 @@ def test_official_mae_encoder_only_into_a_mean_pooled_classifier(tmp_path):
     enc = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     path = save(tmp_path, "mae_pretrain_vit.pth", {"model": enc})
     model = make_vit(1, num_classes=10, global_pool="avg")
-    report = util.load_pretrained(model, path, verbose=False)
+    report = checkpoints.load_pretrained(model, checkpoints.load(path), str(path), verbose=False)
     assert sorted(report.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert sorted(report.unexpected) == ["norm.bias", "norm.weight"]
     assert torch.equal(features(model), features(mae))
@@ -112,18 +113,18 @@ def test_official_full_checkpoint_loads_into_the_mae_with_nothing_missing(tmp_pa
     src = trained_mae(0)
     path = save(tmp_path, "mae_visualize_vit.pth", {"model": src.state_dict()})
     dst = trained_mae(1)
-    report = util.load_pretrained(dst, path, allow_missing=(), verbose=False)
+    report = checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), allow_missing=(), verbose=False)
     assert report.missing == [] and report.unexpected == []
     noise = torch.rand(2, 16)
     with torch.no_grad():
-        assert torch.equal(dst(IMGS, 0.75, noise)[1], src(IMGS, 0.75, noise)[1])
+        assert torch.equal(dst(IMGS, 0.75, noise)[0], src(IMGS, 0.75, noise)[0])  # the predictions
 
 
 def test_timm_plain_state_dict_gives_identical_logits(tmp_path):
     src = make_vit(0, num_classes=7)
     path = save(tmp_path, "timm.pth", src.state_dict())
     dst = make_vit(1, num_classes=7)
-    util.load_pretrained(dst, path, verbose=False)
+    checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), verbose=False)
     assert torch.equal(logits(dst), logits(src))
 
 
@@ -132,7 +133,7 @@ def test_mae_lite_module_model_prefix_with_its_decoder(tmp_path):
     path = save(tmp_path, "mae_tiny_400e.pth.tar",
                 {"model": {"module.model." + k: v for k, v in mae.state_dict().items()}})
     model = make_vit(1)
-    report = util.load_pretrained(model, path, verbose=False)
+    report = checkpoints.load_pretrained(model, checkpoints.load(path), str(path), verbose=False)
     assert any(k.startswith("decoder_blocks.") for k in report.unexpected)
     assert "mask_token" in report.unexpected
     assert torch.equal(features(model), features(mae))
@@ -142,7 +143,7 @@ def test_fine_tuned_checkpoint_with_fc_norm_and_no_norm_gives_identical_logits(t
     src = make_vit(0, num_classes=10, global_pool="avg")
     path = save(tmp_path, "mae_finetuned_vit.pth", {"model": src.state_dict()})
     dst = make_vit(1, num_classes=10, global_pool="avg")
-    report = util.load_pretrained(dst, path, allow_missing=(), verbose=False)
+    report = checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), allow_missing=(), verbose=False)
     assert report.missing == [] and "norm.weight" not in report.loaded
     assert torch.equal(logits(dst), logits(src))
 
@@ -155,7 +156,7 @@ def test_deit_distillation_token_and_its_position_row_are_dropped(tmp_path):
     sd["dist_token"], sd["head_dist.weight"] = torch.randn(1, 1, 32), torch.randn(5, 32)
     path = save(tmp_path, "deit_distilled.pth", {"model": sd})
     dst = make_vit(1, num_classes=5)
-    report = util.load_pretrained(dst, path, verbose=False)
+    report = checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), verbose=False)
     assert report.unexpected == ["head_dist.weight"]
     assert torch.equal(logits(dst), logits(src))
 
@@ -175,7 +176,7 @@ def test_videomae_style_encoder_prefix_and_separate_q_v_biases(tmp_path):
     sd["decoder.head.weight"] = torch.zeros(3, 3)
     path = save(tmp_path, "amd_vit.pth", {"module": sd})
     dst = make_vit(1)
-    report = util.load_pretrained(dst, path, verbose=False)
+    report = checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), verbose=False)
     assert report.unexpected == ["decoder.head.weight"]
     assert torch.equal(features(dst), features(src))
 
@@ -186,12 +187,12 @@ def test_ddp_and_compile_prefixes_and_safetensors(tmp_path):
     src = make_vit(0)
     path = save(tmp_path, "ddp.pth", {"model": {"module._orig_mod." + k: v for k, v in src.state_dict().items()}})
     dst = make_vit(1)
-    util.load_pretrained(dst, path, verbose=False)
+    checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), verbose=False)
     assert torch.equal(features(dst), features(src))
     st = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(st))
     dst2 = make_vit(2)
-    util.load_pretrained(dst2, st, verbose=False)
+    checkpoints.load_pretrained(dst2, checkpoints.load(st), str(st), verbose=False)
     assert torch.equal(features(dst2), features(src))
 
 
@@ -202,7 +203,7 @@ def test_pos_embed_of_another_grid_is_interpolated_and_a_wrong_head_dropped(tmp_
     src = make_vit(0, num_classes=1000)
     path = save(tmp_path, "in1k.pth", src.state_dict())
     dst = make_vit(1, num_classes=10, img_size=64)
-    report = util.load_pretrained(dst, path, verbose=False)
+    report = checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), verbose=False)
     assert any("pos_embed interpolated from a 4x4 to a 8x8 grid" in n for n in report.notes)
     assert any(n.startswith("head.weight (1000, 32) dropped") for n in report.notes)
     assert sorted(report.missing) == ["head.bias", "head.weight"]
@@ -214,20 +215,20 @@ def test_pos_embed_of_another_grid_is_interpolated_and_a_wrong_head_dropped(tmp_
 def test_width_depth_and_patch_mismatches_name_the_file_and_the_key(tmp_path):
     path = save(tmp_path, "base.pth", {"model": make_vit(0).state_dict()})
     with pytest.raises(util.CheckpointError, match=r"base.pth: cls_token has shape \(1, 1, 32\), the model expects \(1, 1, 64\)"):
-        util.load_pretrained(make_vit(1, embed_dim=64), path, verbose=False)
+        checkpoints.load_pretrained(make_vit(1, embed_dim=64), checkpoints.load(path), str(path), verbose=False)
     with pytest.raises(util.CheckpointError, match="base.pth: has blocks up to blocks.1, the model has 1 blocks"):
-        util.load_pretrained(make_vit(1, depth=1), path, verbose=False)
+        checkpoints.load_pretrained(make_vit(1, depth=1), checkpoints.load(path), str(path), verbose=False)
     with pytest.raises(util.CheckpointError, match="base.pth: missing .* 'blocks.2.norm1.weight'"):
-        util.load_pretrained(make_vit(1, depth=3), path, verbose=False)
+        checkpoints.load_pretrained(make_vit(1, depth=3), checkpoints.load(path), str(path), verbose=False)
     with pytest.raises(util.CheckpointError, match="patch_embed.proj.weight .*patch size or width"):
-        util.load_pretrained(make_vit(1, patch_size=4), path, verbose=False)
+        checkpoints.load_pretrained(make_vit(1, patch_size=4), checkpoints.load(path), str(path), verbose=False)
 
 
 def test_a_recorded_head_count_that_differs_is_refused(tmp_path):
     src = make_vit(0)
     path = save(tmp_path, "ours.pth", {"model": src.state_dict(), "model_config": src.config})
     with pytest.raises(util.CheckpointError, match="trained with 2 heads, the model has 4"):
-        util.load_pretrained(make_vit(1, num_heads=4), path, verbose=False)
+        checkpoints.load_pretrained(make_vit(1, num_heads=4), checkpoints.load(path), str(path), verbose=False)
 
 
 def test_architecture_is_inferred_from_the_weights(tmp_path):
@@ -236,7 +237,7 @@ def test_architecture_is_inferred_from_the_weights(tmp_path):
     mae = MaskedAutoencoderViT(img_size=48, patch_size=8, embed_dim=192, depth=3, num_heads=3,
                                decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)
     path = save(tmp_path, "mae_visualize.pth", {"model": {"module.model." + k: v for k, v in mae.state_dict().items()}})
-    cfg = util.infer_vit_config(path)
+    cfg = checkpoints.infer_config(checkpoints.load(path), str(path))
     assert {k: cfg[k] for k in ("embed_dim", "depth", "patch_size", "img_size", "num_heads",
                                 "heads_inferred", "decoder_embed_dim", "decoder_depth",
                                 "decoder_num_heads", "global_pool", "num_classes")} == dict(
@@ -244,7 +245,7 @@ def test_architecture_is_inferred_from_the_weights(tmp_path):
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2, global_pool="token", num_classes=0)
     ours = save(tmp_path, "ours.pth", {"model": make_vit(0, num_classes=4, global_pool="avg").state_dict(),
                                        "model_config": {"num_heads": 2}})
-    cfg = util.infer_vit_config(ours)
+    cfg = checkpoints.infer_config(checkpoints.load(ours), str(ours))
     assert (cfg["num_heads"], cfg["heads_inferred"], cfg["global_pool"], cfg["num_classes"]) == (2, False, "avg", 4)
 
 
@@ -252,7 +253,8 @@ def test_a_width_mismatch_is_named_before_a_head_count_mismatch(tmp_path):
     src = make_vit(0)
     path = save(tmp_path, "ours.pth", {"model": src.state_dict(), "model_config": src.config})
     with pytest.raises(util.CheckpointError, match="cls_token has shape"):
-        util.load_pretrained(make_vit(1, embed_dim=64, num_heads=4), path, verbose=False)
+        checkpoints.load_pretrained(make_vit(1, embed_dim=64, num_heads=4), checkpoints.load(path), str(path),
+                                    verbose=False)
 
 
 def test_a_video_models_3d_patch_embedding_is_refused_by_name(tmp_path):
@@ -260,13 +262,13 @@ def test_a_video_models_3d_patch_embedding_is_refused_by_name(tmp_path):
           "encoder.blocks.0.norm1.weight": torch.ones(32)}
     path = save(tmp_path, "videomae.pth", {"module": sd})
     with pytest.raises(util.CheckpointError, match=r"videomae.pth: patch_embed.proj.weight has shape \(32, 3, 2, 8, 8\)"):
-        util.infer_vit_config(path)
+        checkpoints.infer_config(checkpoints.load(path), str(path))
 
 
 def test_a_recorded_adaptive_last_block_that_differs_is_refused(tmp_path):
     src = make_vit(0, depth=2, num_heads=2, last_block_heads=4)
     path = save(tmp_path, "student.pth", {"model": src.state_dict(), "model_config": src.config})
-    assert util.infer_vit_config(path)["last_block_heads"] == 4
+    assert checkpoints.infer_config(checkpoints.load(path), str(path))["last_block_heads"] == 4
     with pytest.raises(util.CheckpointError, match="its last block has 4 heads"):
-        util.load_pretrained(make_vit(1), path, verbose=False)
-    util.load_pretrained(make_vit(1, last_block_heads=4), path, verbose=False)
+        checkpoints.load_pretrained(make_vit(1), checkpoints.load(path), str(path), verbose=False)
+    checkpoints.load_pretrained(make_vit(1, last_block_heads=4), checkpoints.load(path), str(path), verbose=False)

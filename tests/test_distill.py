@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
+import data
 import distill_pretrain as dp
 import mae_pretrain
 import util
 from conftest import error_line, run_script, run_torchrun
-from mae_pretrain import MaskedAutoencoderViT, random_masking
+from mae_pretrain import MaskedAutoencoderViT, mae_loss, random_masking
 from vit import VisionTransformer, gather_tokens
 
 B = 2
@@ -79,7 +81,8 @@ def test_amd_generator_positions_are_the_1d_sinusoid_over_token_indices():
 def test_amd_direct_and_generation_losses_match_a_hand_computation():
     torch.manual_seed(0)
     align = dp.AMDAlignment(student_dim=8, teacher_dim=64, num_layers=2, grid_size=4)
-    keep, extra = dp.asymmetric_masking(B, 16, 0.75, 0.5, torch.Generator().manual_seed(0))
+    keep, extra, _ = dp.asymmetric_masking(torch.rand(B, 16, generator=torch.Generator().manual_seed(0)),
+                                           0.75, 0.5)
     ns, ne = keep.shape[1], extra.shape[1]
     s = [torch.randn(B, ns, 8) for _ in range(2)]
     t = [torch.randn(B, ns + ne, 64) for _ in range(2)]
@@ -91,7 +94,7 @@ def test_amd_direct_and_generation_losses_match_a_hand_computation():
         g = align.generators[l]
         x = torch.cat([p + pos[keep], g.mask_token.expand(B, ne, 64) + pos[extra]], dim=1)
         for blk in g.blocks:
-            x = blk(x)[0]
+            x = blk(x)
         gen.append(((x[:, ns:] - t[l][:, ns:]) ** 2).mean())
     got = align(s, t, keep, extra)
     assert got[0].item() == pytest.approx(sum(direct).item() / 2, rel=1e-5)
@@ -108,7 +111,7 @@ def test_amd_generators_are_two_blocks_at_the_teacher_width_with_width_over_64_h
 def test_amd_mask_tokens_are_saved_parameters_that_get_a_gradient():
     align = dp.AMDAlignment(student_dim=8, teacher_dim=64, num_layers=2, grid_size=4)
     assert {"generators.0.mask_token", "generators.1.mask_token"} <= align.state_dict().keys()
-    keep, extra = dp.asymmetric_masking(B, 16, 0.75, 0.5)
+    keep, extra, _ = dp.asymmetric_masking(torch.rand(B, 16), 0.75, 0.5)
     _, gen = align([torch.randn(B, 4, 8)] * 2, [torch.randn(B, 8, 64)] * 2, keep, extra)
     gen.backward()
     assert all(g.mask_token.grad.abs().sum() > 0 for g in align.generators)
@@ -129,7 +132,7 @@ def test_feature_loss_is_smooth_l1_beta_2_against_a_layer_norm_without_affine():
 
 
 def test_asymmetric_masks_have_the_stated_counts_and_the_student_set_inside_the_teachers():
-    keep, extra = dp.asymmetric_masking(4, 49, 0.75, 0.5)
+    keep, extra, _ = dp.asymmetric_masking(torch.rand(4, 49), 0.75, 0.5)
     # AMD's generator removes int(r L) patches: 49 - 36 = 13 kept (MAE's int(L (1 - r)) gives 12)
     assert keep.shape == (4, 49 - int(0.75 * 49)) == (4, 13)
     assert extra.shape == (4, 49 - int(0.5 * 49) - 13) == (4, 12)
@@ -139,8 +142,8 @@ def test_asymmetric_masks_have_the_stated_counts_and_the_student_set_inside_the_
 
 
 def test_asymmetric_masks_differ_per_sample_and_repeat_with_the_same_generator():
-    keep, _ = dp.asymmetric_masking(8, 49, 0.75, 0.5, torch.Generator().manual_seed(3))
-    again, _ = dp.asymmetric_masking(8, 49, 0.75, 0.5, torch.Generator().manual_seed(3))
+    keep, _, _ = dp.asymmetric_masking(torch.rand(8, 49, generator=torch.Generator().manual_seed(3)), 0.75, 0.5)
+    again, _, _ = dp.asymmetric_masking(torch.rand(8, 49, generator=torch.Generator().manual_seed(3)), 0.75, 0.5)
     assert torch.equal(keep, again)
     assert len({tuple(sorted(row)) for row in keep.tolist()}) == 8
 
@@ -148,9 +151,11 @@ def test_asymmetric_masks_differ_per_sample_and_repeat_with_the_same_generator()
 def test_the_student_keeps_what_mae_random_masking_keeps_for_the_same_noise():
     noise = torch.rand(3, 16)
     tokens = torch.arange(16.0).expand(3, 16)[..., None]
-    kept, _, _ = random_masking(tokens, 0.75, noise)
-    keep, _ = dp.asymmetric_masking(3, 16, 0.75, 0.5, noise=noise)
+    ids_keep, mae_mask = random_masking(noise, 0.75)
+    kept = gather_tokens(tokens, ids_keep)
+    keep, _, mask = dp.asymmetric_masking(noise, 0.75, 0.5)
     assert torch.equal(kept[..., 0].long(), keep)
+    assert torch.equal(mask, mae_mask)
 
 
 # -- the methods on tiny models -------------------------------------------------------
@@ -235,6 +240,7 @@ def test_the_teacher_never_runs_past_the_deepest_block_the_method_reads(method, 
     teacher = tiny_teacher(depth=4)  # attn reads block 3, relation block 2's q/k/v only,
     model = tiny_distiller(method, teacher)  # amd blocks 2 and 3, feature block 2
     ran = []
+
     for i, blk in enumerate(teacher.blocks, start=1):
         blk.mlp.register_forward_hook(lambda *a, i=i: ran.append(f"mlp{i}"))
         blk.register_forward_hook(lambda *a, i=i: ran.append(i))
@@ -303,7 +309,7 @@ def test_a_distilled_checkpoint_loads_as_a_plain_vit_backbone(runs):
     ckpt = util.load_checkpoint(runs["amd"] / "checkpoint.pth")
     backbone = VisionTransformer(img_size=16, patch_size=8, embed_dim=192, depth=12, num_heads=3,
                                  num_classes=8)
-    report = util.load_pretrained(backbone, ckpt, name="amd", verbose=False)
+    report = checkpoints.load_pretrained(backbone, ckpt, "amd", verbose=False)
     assert sorted(report.missing) == ["head.bias", "head.weight"]
     assert any(k.startswith("distill.generators.") for k in report.unexpected)
     assert all(torch.equal(backbone.state_dict()[k], ckpt["model"]["student." + k]) for k in report.loaded)
@@ -422,7 +428,7 @@ def test_amd_pixel_target_standardises_each_patch_per_channel_on_the_unnormalise
     torch.manual_seed(0)
     imgs = torch.randn(2, 3, 8, 8)
     got = dp.amd_pixel_target(imgs, 4)  # (2, 4, 48) in MAE's (p, q, c) order
-    mean, std = torch.tensor(util.IMAGENET_MEAN), torch.tensor(util.IMAGENET_STD)
+    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
     for b in range(2):
         for row in range(2):
             for col in range(2):
@@ -447,14 +453,15 @@ def d2_by_hand(model, teacher, imgs, noise):
     """The D²-MAE loss from the pieces, block by block: pixel(decoder(norm(x_k))) + w * MSE of
     the head-mixed logits of the attention-only block d+1 against the teacher's last block."""
     s, extra, W = model.student, model.distill["extra_block"], model.distill["attn_loss"].mix.weight
-    x, mask, ids_restore = random_masking(s.embed(imgs), 0.75, noise)
+    ids_keep, mask = random_masking(noise, 0.75)
+    x = gather_tokens(s.embed(imgs), ids_keep)
     x = torch.cat([(s.cls_token + s.pos_embed[:, :1]).expand(len(x), -1, -1), x], dim=1)
     outs = []
     for blk in s.blocks:
-        x = blk(x)[0]
+        x = blk(x)
         outs.append(x)
     latent = F.layer_norm(outs[0], (32,), s.norm.weight, s.norm.bias, eps=1e-6)  # block k = 1
-    pixel = s.forward_loss(imgs, s.forward_decoder(latent, ids_restore), mask)
+    pixel = mae_loss(s.forward_decoder(latent, ids_keep), s.patchify(imgs), mask, s.norm_pix_loss)
     h = F.layer_norm(outs[-1], (32,), extra.norm1.weight, extra.norm1.bias, eps=1e-6)
     Wq, Wk = extra.qkv.weight[:32], extra.qkv.weight[32:64]
     q = (h @ Wq.T + extra.qkv.bias[:32]).unflatten(-1, (2, 16)).transpose(1, 2)  # (B, 2 heads, n, 16)
@@ -514,7 +521,7 @@ def test_a_d2_checkpoint_loads_as_a_plain_vit_with_every_key_accounted_for(runs,
     assert ckpt["model_config"]["depth"] == 12 and ckpt["model_config"]["decode_layer"] == 8
     backbone = VisionTransformer(img_size=16, patch_size=8, embed_dim=192, depth=12, num_heads=3,
                                  num_classes=8, global_pool="token")
-    report = util.load_pretrained(backbone, ckpt, name="d2")
+    report = checkpoints.load_pretrained(backbone, ckpt, "d2")
     saved = {k.removeprefix("student."): v for k, v in ckpt["model"].items()}
     assert sorted(report.loaded + report.unexpected) == sorted(saved)  # nothing dropped unreported
     assert sorted(report.missing) == ["head.bias", "head.weight"]
@@ -524,7 +531,7 @@ def test_a_d2_checkpoint_loads_as_a_plain_vit_with_every_key_accounted_for(runs,
     assert all(k.startswith(("decoder_", "mask_token", "distill.")) for k in report.unexpected)
     assert all(torch.equal(backbone.state_dict()[k], saved[k]) for k in report.loaded)
     out = capsys.readouterr().out
-    assert "D²-MAE's attention-only block 13, used only during pre-training: not part of the 12-block" in out
+    assert "D²-MAE's attention-only block 13, used only in pre-training: not part of the 12-block" in out
 
 
 def test_the_official_d2_checkpoints_partial_block_13_is_read_as_the_extra_block(tmp_path, capsys):
@@ -539,10 +546,10 @@ def test_the_official_d2_checkpoints_partial_block_13_is_read_as_the_extra_block
     sd["module.tch_model.patch_embed.proj.weight"] = torch.zeros(64, 3, 8, 8)
     path = tmp_path / "mae_tiny_distill_d2_400e.pth.tar"
     torch.save({"model": sd}, path)
-    cfg = util.infer_vit_config(path)
+    cfg = checkpoints.infer_config(checkpoints.load(path), str(path))
     assert (cfg["depth"], cfg["decode_layer"]) == (2, 8)  # the official decode_idx
     backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    report = util.load_pretrained(backbone, path)
+    report = checkpoints.load_pretrained(backbone, checkpoints.load(path), str(path))
     assert {"distill.extra_block.qkv.weight", "distill.extra_block.norm1.bias"} <= set(report.unexpected)
     assert torch.equal(backbone.blocks[1].attn.qkv.weight, mae.blocks[1].attn.qkv.weight)
     assert "attention-only block 3" in capsys.readouterr().out
@@ -554,7 +561,8 @@ def test_a_d2_student_reconstructs_from_its_decode_layer():
     model = tiny_distiller("d2", teacher).eval()
     imgs, noise = torch.randn(B, 3, 32, 32), torch.rand(B, 16)
     with torch.no_grad():
-        loss, _, _ = model.student(imgs, 0.75, noise)
+        pred, target, mask = model.student(imgs, 0.75, noise)
+        loss = mae_loss(pred, target, mask, model.student.norm_pix_loss)
         _, terms = model(imgs, noise, teacher)
     assert loss.item() == pytest.approx(terms["pixel"].item(), rel=1e-6)
 

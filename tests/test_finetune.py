@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoints
+import data
 import finetune
 import mae_pretrain
 import util
@@ -59,9 +61,9 @@ def test_two_processes_count_each_of_13_images_once_and_match_a_direct_computati
     src = classifier(0)
     path = tmp_path / "classifier.pth"
     torch.save({"model": src.state_dict()}, path)
-    data = ["--synthetic_samples", "52"]  # the synthetic val split is a quarter: 13 images
-    val, _ = util.build_dataset(parse(*data), train=False, transform=util.eval_transform(32))
-    imgs = util.normalize(torch.stack([val[i][0] for i in range(len(val))]))
+    flags = ["--synthetic_samples", "52"]  # the synthetic val split is a quarter: 13 images
+    val, _ = data.build_dataset(parse(*flags), train=False, transform=data.eval_transform(32))
+    imgs = data.normalize(torch.stack([val[i][0] for i in range(len(val))]))
     labels = torch.tensor([val[i][1] for i in range(len(val))])
     with torch.no_grad():
         logits = src(imgs)
@@ -70,11 +72,11 @@ def test_two_processes_count_each_of_13_images_once_and_match_a_direct_computati
     ref5 = int((top5 == labels[:, None]).any(dim=-1).sum())
     ref_loss = F.cross_entropy(logits, labels).item()
 
-    one = finetune.main(parse(*data, "--eval", "--finetune", path, "--batch_size", "4"))
+    one = finetune.main(parse(*flags, "--eval", "--finetune", path, "--batch_size", "4"))
     assert (one["images"], one["correct1"], one["correct5"]) == (13, ref1, ref5)
     assert one["loss"] == pytest.approx(ref_loss, rel=1e-5)
 
-    proc = run_torchrun(2, "finetune.py", *TINY, *data, "--eval", "--resume", path, "--batch_size", "4")
+    proc = run_torchrun(2, "finetune.py", *TINY, *flags, "--eval", "--resume", path, "--batch_size", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = re.search(r"Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) and (\d+) of (\d+) images\)", proc.stdout)
     assert m, proc.stdout
@@ -110,7 +112,7 @@ def test_a_foreign_classifier_checkpoint_gives_the_source_logits(tmp_path, layou
     args = parse("--eval", "--resume", path, *(["--cls_token"] if pool == "token" else []))
     torch.manual_seed(1)
     model = finetune.build_model(args, num_classes=8)
-    finetune.load_classifier(model, util.load_checkpoint(path), path)
+    finetune.load_classifier(model, checkpoints.load(path), str(path), list(data.SyntheticShapes.classes))
     imgs = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(imgs), src(imgs))
@@ -138,9 +140,9 @@ def test_fine_tuning_an_mae_checkpoint_beats_chance_and_keeps_the_best_epoch(tmp
     """The MAE recipe as it stands (RandAugment, mixup/cutmix, smoothing, erasing, layer
     decay, warmup + cosine) on an 8-colour image folder: 3 epochs of 64 images. Chance is
     12.5%."""
-    data = write_colour_folder(tmp_path / "colours", {"train": 8, "val": 3})
+    colours = write_colour_folder(tmp_path / "colours", {"train": 8, "val": 3})
     out = tmp_path / "run"
-    finetune.main(parse("--finetune", mae_checkpoint, "--data_path", data, "--epochs", "3",
+    finetune.main(parse("--finetune", mae_checkpoint, "--data_path", colours, "--epochs", "3",
                         "--warmup_epochs", "1", "--batch_size", "16", "--output_dir", out))
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1, 2]
@@ -148,7 +150,7 @@ def test_fine_tuning_an_mae_checkpoint_beats_chance_and_keeps_the_best_epoch(tmp
             "train_img_per_s", "train_peak_mem_mb"} <= log[0].keys()
     best = max(r["test_acc1"] for r in log)
     assert best >= 50.0 and log[-1]["best_acc1"] == best
-    again = finetune.main(parse("--eval", "--resume", out / "checkpoint-best.pth", "--data_path", data))
+    again = finetune.main(parse("--eval", "--resume", out / "checkpoint-best.pth", "--data_path", colours))
     assert again["acc1"] == best and again["images"] == 24
 
 
@@ -163,9 +165,9 @@ def test_fine_tuning_an_mae_checkpoint_on_the_built_in_data_learns_the_classes(t
 
 
 def test_resuming_restores_the_ema_and_the_best_accuracy_exactly(tmp_path, mae_checkpoint):
-    data = write_colour_folder(tmp_path / "colours", {"train": 4, "val": 1})
+    colours = write_colour_folder(tmp_path / "colours", {"train": 4, "val": 1})
     a, b = tmp_path / "a", tmp_path / "b"
-    common = ["--finetune", mae_checkpoint, "--data_path", data, "--epochs", "2", "--warmup_epochs", "1",
+    common = ["--finetune", mae_checkpoint, "--data_path", colours, "--epochs", "2", "--warmup_epochs", "1",
               "--batch_size", "16", "--model_ema", "--model_ema_decay", "0.9"]
     finetune.main(parse(*common, "--output_dir", a, "--save_every", "1"))
     finetune.main(parse(*common, "--output_dir", b, "--resume", a / "checkpoint-0.pth"))
@@ -199,7 +201,7 @@ def test_linear_probe_changes_only_the_head(tmp_path, mae_checkpoint):
     finetune.main(parse("--linprobe", "--finetune", mae_checkpoint, "--epochs", "1", "--warmup_epochs", "0",
                         "--batch_size", "16", "--blr", "1.0", "--output_dir", out))
     trained = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
-    pretrained = util.read_state_dict(mae_checkpoint)
+    pretrained = checkpoints.read_state_dict(checkpoints.load(mae_checkpoint), str(mae_checkpoint))
     backbone = [k for k in trained if not k.startswith("head.")]
     assert "norm.weight" in backbone and "blocks.11.mlp.fc2.weight" in backbone  # cls token + norm
     assert all(torch.equal(trained[k], pretrained[k]) for k in backbone)
@@ -302,12 +304,12 @@ def test_an_unknown_dataset_name_is_refused_with_the_choices(capsys):
 
 @pytest.mark.parametrize("name", ["flowers102", "cars"])
 def test_a_downstream_set_that_needs_scipy_says_so_when_it_is_missing(tmp_path, monkeypatch, name):
-    real_find_spec = util.importlib.util.find_spec
-    monkeypatch.setattr(util.importlib.util, "find_spec",
+    real_find_spec = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec",
                         lambda mod, *a: None if mod == "scipy" else real_find_spec(mod, *a))
     args = parse("--dataset", name, "--data_path", tmp_path)
     with pytest.raises(util.ConfigError, match=f"--dataset {name} needs scipy.*pip install scipy"):
-        util.build_dataset(args, train=True)
+        data.build_dataset(args, train=True)
 
 
 def test_a_corrupt_image_stops_the_run_with_one_line_naming_it(tmp_path):
@@ -371,7 +373,7 @@ def test_uniform_heads_on_a_checkpoint_without_an_adaptive_block_says_so(tmp_pat
 def test_train_subset_keeps_n_images_of_each_class_the_same_for_a_seed_and_nested():
     """The built-in data (label = index % 8, 8 of each class in 64): labels are read back through
     the dataset itself, as the loader sees them."""
-    ds, classes = util.build_dataset(parse("--synthetic_samples", "64"), train=True)
+    ds, classes = data.build_dataset(parse("--synthetic_samples", "64"), train=True)
     sub3, counts = finetune.class_balanced_subset(ds, 3, seed=0, classes=classes)
     assert counts == [3] * 8 and len(sub3) == 24
     labels = [ds[i][1] for i in sub3.indices]
@@ -388,7 +390,7 @@ def test_train_subset_keeps_n_images_of_each_class_the_same_for_a_seed_and_neste
 def test_train_subset_reads_an_image_folders_targets_and_refuses_more_than_a_class_has(tmp_path):
     root = write_colour_folder(tmp_path / "colours", {"train": 3, "val": 1})
     (root / "train" / "class5" / "0.png").unlink()  # class5 now has 2 images
-    ds, classes = util.build_dataset(parse("--data_path", root), train=True)
+    ds, classes = data.build_dataset(parse("--data_path", root), train=True)
     sub, counts = finetune.class_balanced_subset(ds, 2, seed=0, classes=classes)
     assert counts == [2] * 8
     assert sorted(Path(ds.samples[i][0]).parent.name for i in sub.indices) == sorted(classes * 2)
@@ -450,7 +452,7 @@ def rpe_run(tmp_path_factory, mae_checkpoint):
 def test_an_mae_checkpoint_fine_tunes_with_fresh_zero_tables_that_then_train(rpe_run, capsys, mae_checkpoint):
     args = parse("--finetune", mae_checkpoint, "--rel_pos_bias")
     model = finetune.build_model(args, num_classes=8)
-    finetune.load_backbone(model, util.load_checkpoint(mae_checkpoint), "mae", args)
+    finetune.load_backbone(model, checkpoints.load(mae_checkpoint), "mae", args)
     assert "the relative position bias tables of 12 blocks (zeros)" in capsys.readouterr().out
     assert all(torch.all(b.attn.relative_position_bias_table == 0) for b in model.blocks)
     trained = torch.load(rpe_run / "checkpoint.pth", map_location="cpu", weights_only=True)
@@ -464,7 +466,8 @@ def test_an_rpe_classifier_evaluates_with_the_flag_and_is_refused_without_or_at_
     assert stats["acc1"] == read_log(rpe_run)[-1]["test_acc1"]
     with pytest.raises(util.CheckpointError, match="has relative position bias tables .*add --rel_pos_bias"):
         finetune.main(parse("--eval", "--resume", best))
-    with pytest.raises(util.CheckpointError, match="tables are not interpolated, use the --input_size"):
+    with pytest.raises(util.CheckpointError,
+                       match="tables are not interpolated, use the input size the checkpoint was trained at"):
         finetune.main(parse("--eval", "--resume", best, "--rel_pos_bias", "--input_size", "48"))
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face transformers checkpoints in (util.load_pretrained) and out (export_hf.py),
+"""Hugging Face transformers checkpoints in (checkpoints.load_pretrained) and out (checkpoints.py),
 checked against transformers itself: the models are built from a config with random
 weights, never downloaded.
 
@@ -23,16 +23,16 @@ from transformers import (ViTConfig, ViTForImageClassification, ViTMAEConfig,  #
                           ViTMAEForPreTraining, ViTModel)
 
 import analyze  # noqa: E402
+import checkpoints  # noqa: E402
 import distill_pretrain as dp  # noqa: E402
-import export_hf  # noqa: E402
 import finetune  # noqa: E402
 import util  # noqa: E402
 from conftest import TINY_DATA, error_line, run_script  # noqa: E402
-from mae_pretrain import MaskedAutoencoderViT  # noqa: E402
+from mae_pretrain import MaskedAutoencoderViT, mae_loss  # noqa: E402
 from vit import VisionTransformer, sincos_pos_embed  # noqa: E402
 
-# 48 wide with 4 heads and a 32-wide decoder with 2: neither is the count util would guess
-# from the width (1 and 1), so a match shows the head counts came from config.json.
+# 48 wide with 4 heads and a 32-wide decoder with 2: neither is the count checkpoints.py would
+# guess from the width (1 and 1), so a match shows the head counts came from config.json.
 ARCH = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4)
 MAE_ARCH = dict(ARCH, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 HF_ARCH = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
@@ -68,6 +68,11 @@ def hf_output(model):
         return model(pixel_values=IMGS, noise=NOISE)
 
 
+def load(model, path, **kw):
+    """checkpoints.load_pretrained of the file or directory at `path`, named by its path."""
+    return checkpoints.load_pretrained(model, checkpoints.load(path), str(path), **kw)
+
+
 def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
@@ -84,7 +89,7 @@ def test_transformers_sincos_position_embedding_is_maes_layout_bit_for_bit():
 
 
 def saved(layout, hf, tmp_path):
-    """`hf` written the way `layout` names; returns the path util is given."""
+    """`hf` written the way `layout` names; returns the path checkpoints.load is given."""
     d = tmp_path / layout
     if layout == "5.x directory (save_original_format=False)":
         hf.save_pretrained(d, save_original_format=False)
@@ -116,11 +121,12 @@ def test_a_transformers_vitmae_gives_its_loss_prediction_and_mask_through_load_p
     hf = hf_mae()
     path = saved(layout, hf, tmp_path)
     ours = MaskedAutoencoderViT(**MAE_ARCH, norm_pix_loss=True).eval()
-    report = util.load_pretrained(ours, path, allow_missing=(), verbose=False)
+    report = load(ours, path, allow_missing=(), verbose=False)
     assert report.missing == [] and report.unexpected == []
     want = hf_output(hf)
     with torch.no_grad():
-        loss, pred, mask = ours(IMGS, 0.75, NOISE)
+        pred, target, mask = ours(IMGS, 0.75, NOISE)
+        loss = mae_loss(pred, target, mask, ours.norm_pix_loss)
     assert torch.equal(mask, want.mask)
     # The same operations in the same order here: equal to float rounding (measured: 0.0).
     assert max_diff(pred, want.logits) < 1e-5
@@ -129,25 +135,26 @@ def test_a_transformers_vitmae_gives_its_loss_prediction_and_mask_through_load_p
 
 def test_config_json_gives_the_head_counts_and_image_size(tmp_path):
     hf_mae().save_pretrained(tmp_path / "mae")
-    cfg = util.infer_vit_config(tmp_path / "mae")
+    cfg = checkpoints.infer_config(checkpoints.load(tmp_path / "mae"), str(tmp_path / "mae"))
     assert (cfg["num_heads"], cfg["heads_inferred"], cfg["decoder_num_heads"]) == (4, False, 2)
     assert (cfg["embed_dim"], cfg["depth"], cfg["patch_size"], cfg["img_size"]) == (48, 2, 8, 32)
-    alone = util.infer_vit_config(tmp_path / "mae" / "model.safetensors")  # no config: guessed
+    weights = tmp_path / "mae" / "model.safetensors"
+    alone = checkpoints.infer_config(checkpoints.load(weights), str(weights))  # no config: guessed
     assert (alone["num_heads"], alone["heads_inferred"]) == (1, True)
 
 
 def test_a_recorded_head_count_from_config_json_is_enforced(tmp_path):
     hf_mae().save_pretrained(tmp_path / "mae")
     with pytest.raises(util.CheckpointError, match="trained with 4 heads, the model has 2"):
-        util.load_pretrained(VisionTransformer(**{**ARCH, "num_heads": 2}, num_classes=0),
-                             tmp_path / "mae", verbose=False)
+        load(VisionTransformer(**{**ARCH, "num_heads": 2}, num_classes=0), tmp_path / "mae", verbose=False)
 
 
 def test_a_transformers_vit_classifier_gives_its_logits_through_finetunes_eval_loader(tmp_path):
     hf = randomize(ViTForImageClassification(ViTConfig(**HF_ARCH, num_labels=8)))
     hf.save_pretrained(tmp_path / "vit")
     model = VisionTransformer(**ARCH, num_classes=8)  # as finetune.py --eval --cls_token builds it
-    finetune.load_classifier(model, util.load_checkpoint(tmp_path / "vit"), tmp_path / "vit")
+    finetune.load_classifier(model, checkpoints.load(tmp_path / "vit"), str(tmp_path / "vit"),
+                             [f"LABEL_{i}" for i in range(8)])  # config.json's id2label
     with torch.no_grad():
         assert max_diff(model.eval()(IMGS), hf(pixel_values=IMGS).logits) < 1e-5
 
@@ -156,7 +163,7 @@ def test_a_transformers_vit_without_qkv_bias_loads_with_a_zero_bias_and_its_logi
     hf = randomize(ViTForImageClassification(ViTConfig(**HF_ARCH, num_labels=8, qkv_bias=False)))
     hf.save_pretrained(tmp_path / "vit")
     model = VisionTransformer(**ARCH, num_classes=8).eval()
-    util.load_pretrained(model, tmp_path / "vit", allow_missing=(), verbose=False)
+    load(model, tmp_path / "vit", allow_missing=(), verbose=False)
     assert torch.equal(model.blocks[0].attn.qkv.bias, torch.zeros(3 * 48))
     with torch.no_grad():
         assert max_diff(model(IMGS), hf(pixel_values=IMGS).logits) < 1e-5
@@ -166,7 +173,7 @@ def test_a_transformers_vitmodel_loads_and_only_its_tanh_pooler_is_unused(tmp_pa
     hf = randomize(ViTModel(ViTConfig(**HF_ARCH)))  # add_pooling_layer=True: BERT's pooler
     hf.save_pretrained(tmp_path / "vit")
     ours = VisionTransformer(**ARCH, num_classes=0).eval()
-    report = util.load_pretrained(ours, tmp_path / "vit", allow_missing=(), verbose=False)
+    report = load(ours, tmp_path / "vit", allow_missing=(), verbose=False)
     assert sorted(report.unexpected) == ["vit.pooler.dense.bias", "vit.pooler.dense.weight"]
     with torch.no_grad():
         assert max_diff(ours.forward_features(IMGS), hf(pixel_values=IMGS).last_hidden_state) < 1e-5
@@ -178,9 +185,10 @@ def test_transformers_layer_norm_eps_1e_12_moves_the_outputs_by_less_than_1e_4(t
     hf = hf_mae(layer_norm_eps=1e-12)
     hf.save_pretrained(tmp_path / "mae")
     ours = MaskedAutoencoderViT(**MAE_ARCH, norm_pix_loss=True).eval()
-    util.load_pretrained(ours, tmp_path / "mae", allow_missing=(), verbose=False)
+    load(ours, tmp_path / "mae", allow_missing=(), verbose=False)
     with torch.no_grad():
-        loss, pred, _ = ours(IMGS, 0.75, NOISE)
+        pred, target, mask = ours(IMGS, 0.75, NOISE)
+        loss = mae_loss(pred, target, mask, ours.norm_pix_loss)
     want = hf_output(hf)
     assert max_diff(pred, want.logits) < 1e-4 and loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
 
@@ -189,7 +197,7 @@ def test_transformers_layer_norm_eps_1e_12_moves_the_outputs_by_less_than_1e_4(t
 
 
 def bad_input(case, tmp_path):
-    """-> the path util is given for each kind of bad input."""
+    """-> the path checkpoints.load is given for each kind of bad input."""
     d = tmp_path / "hf"
     if case == "unsupported model type":
         d.mkdir()
@@ -237,7 +245,7 @@ def bad_input(case, tmp_path):
 def test_bad_transformers_input_is_refused_naming_the_file_and_the_problem(tmp_path, case, where, message):
     path = bad_input(case, tmp_path)
     with pytest.raises(util.CheckpointError) as e:
-        util.load_pretrained(VisionTransformer(**ARCH, num_classes=0), path, verbose=False)
+        load(VisionTransformer(**ARCH, num_classes=0), path, verbose=False)
     assert str(e.value).startswith(f"{tmp_path / where}: ") and message in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -255,7 +263,7 @@ def test_an_exported_mae_loads_into_transformers_without_warnings_and_computes_t
     torch.manual_seed(0)
     ours = MaskedAutoencoderViT(**MAE_ARCH, norm_pix_loss=True).eval()
     path = our_checkpoint(tmp_path, ours, args={"mask_ratio": 0.6})
-    export_hf.export(path, tmp_path / "hf")
+    checkpoints.export(path, tmp_path / "hf")
     hf, info = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     c = hf.config
@@ -263,7 +271,8 @@ def test_an_exported_mae_loads_into_transformers_without_warnings_and_computes_t
             c.decoder_num_attention_heads, c.norm_pix_loss, c.mask_ratio) == (48, 2, 4, 8, 32, 2, True, 0.6)
     with torch.no_grad():
         want = hf.eval()(pixel_values=IMGS, noise=NOISE)
-        loss, pred, mask = ours(IMGS, 0.6, NOISE)
+        pred, target, mask = ours(IMGS, 0.6, NOISE)
+        loss = mae_loss(pred, target, mask, ours.norm_pix_loss)
     assert torch.equal(mask, want.mask)
     assert max_diff(pred, want.logits) < 1e-5
     assert loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
@@ -272,9 +281,9 @@ def test_an_exported_mae_loads_into_transformers_without_warnings_and_computes_t
 def test_ours_to_transformers_to_ours_is_bit_identical(tmp_path):
     torch.manual_seed(0)
     src = MaskedAutoencoderViT(**MAE_ARCH, norm_pix_loss=True)
-    export_hf.export(our_checkpoint(tmp_path, src), tmp_path / "hf")
+    checkpoints.export(our_checkpoint(tmp_path, src), tmp_path / "hf")
     back = MaskedAutoencoderViT(**MAE_ARCH)
-    util.load_pretrained(back, tmp_path / "hf", allow_missing=(), verbose=False)
+    load(back, tmp_path / "hf", allow_missing=(), verbose=False)
     assert src.state_dict().keys() == back.state_dict().keys()
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in src.state_dict().items())
 
@@ -283,7 +292,7 @@ def test_an_exported_cls_token_classifier_gives_our_logits_in_transformers(tmp_p
     torch.manual_seed(0)
     ours = VisionTransformer(**ARCH, num_classes=5).eval()
     torch.nn.init.normal_(ours.head.weight)
-    kind, _ = export_hf.export(our_checkpoint(tmp_path, ours), tmp_path / "hf")
+    kind, _ = checkpoints.export(our_checkpoint(tmp_path, ours), tmp_path / "hf")
     hf, info = ViTForImageClassification.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert kind == "classifier" and not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
@@ -293,7 +302,7 @@ def test_an_exported_cls_token_classifier_gives_our_logits_in_transformers(tmp_p
 def test_an_encoder_exports_as_a_vitmodel_whose_only_new_weights_are_the_pooler(tmp_path):
     torch.manual_seed(0)
     ours = VisionTransformer(**ARCH, num_classes=0).eval()
-    kind, _ = export_hf.export(our_checkpoint(tmp_path, ours), tmp_path / "hf")
+    kind, _ = checkpoints.export(our_checkpoint(tmp_path, ours), tmp_path / "hf")
     assert kind == "encoder"
     hf, info = ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -307,7 +316,7 @@ def test_without_safetensors_the_export_is_a_pytorch_model_bin_transformers_load
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails as if not installed
     torch.manual_seed(0)
     ours = VisionTransformer(**ARCH, num_classes=0).eval()
-    export_hf.export(our_checkpoint(tmp_path, ours), tmp_path / "hf")
+    checkpoints.export(our_checkpoint(tmp_path, ours), tmp_path / "hf")
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "pytorch_model.bin"]
     monkeypatch.undo()
     hf, info = ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False, output_loading_info=True)
@@ -337,14 +346,14 @@ def test_what_transformers_cannot_represent_is_refused_with_one_line(tmp_path, c
         path = tmp_path / "mae_visualize.pth"
         torch.save({"model": MaskedAutoencoderViT(**MAE_ARCH).state_dict()}, path)
     with pytest.raises(util.CheckpointError) as e:
-        export_hf.export(path, tmp_path / "hf", kind=kind)
+        checkpoints.export(path, tmp_path / "hf", kind=kind)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
     assert not (tmp_path / "hf").exists()
 
 
 def test_the_command_exits_with_one_line_on_a_refusal(tmp_path):
     path = our_checkpoint(tmp_path, VisionTransformer(**ARCH, num_classes=5, global_pool="avg"))
-    proc = run_script("export_hf.py", path, tmp_path / "hf")
+    proc = run_script("checkpoints.py", path, tmp_path / "hf")
     assert proc.returncode == 1
     assert proc.stderr.strip() == error_line(proc) and error_line(proc).startswith(f"error: {path}: a mean-pooled")
 
@@ -409,18 +418,19 @@ def test_every_distillation_method_runs_from_a_transformers_teacher(distilled, m
 def test_a_distilled_student_exports_to_transformers_and_computes_the_same(distilled, tmp_path):
     """MAE-Lite's student (attn: an MAE under 'student.', the head mixer under 'distill.')."""
     ckpt = distilled["attn"] / "checkpoint.pth"
-    kind, config = export_hf.export(ckpt, tmp_path / "hf")
+    kind, config = checkpoints.export(ckpt, tmp_path / "hf")
     hf, info = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert kind == "mae" and not info["missing_keys"] and not info["unexpected_keys"]
     assert (config["num_attention_heads"], config["image_size"], config["mask_ratio"]) == (3, 16, 0.75)
     ours = MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=192, depth=12, num_heads=3,
                                 decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=3,
                                 norm_pix_loss=True).eval()
-    util.load_pretrained(ours, ckpt, verbose=False)
+    load(ours, ckpt, verbose=False)
     imgs, noise = IMGS[:, :, :16, :16], NOISE[:, :4]
     with torch.no_grad():
         want = hf.eval()(pixel_values=imgs, noise=noise)
-        loss, pred, _ = ours(imgs, 0.75, noise)
+        pred, target, mask = ours(imgs, 0.75, noise)
+        loss = mae_loss(pred, target, mask, ours.norm_pix_loss)
     assert max_diff(pred, want.logits) < 1e-5 and loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
 
 
@@ -442,6 +452,6 @@ def test_a_transformers_vitmae_is_analysed_with_reconstructions(hf_dir, tmp_path
     analyze.main(analyze.get_args_parser().parse_args(
         [str(hf_dir), *TINY_DATA, "--num_images", "8", "--output_dir", str(tmp_path)]))
     printed = capsys.readouterr().out
-    assert "6 heads (given or recorded)" in printed
+    assert "6 heads (recorded in the checkpoint)" in printed
     assert "decoder 64 wide, 1 blocks, 4 heads; norm_pix_loss=True (recorded" in printed
     assert (tmp_path / "reconstructions_vit-mae-tiny.png").stat().st_size > 5_000

@@ -5,12 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import hiera
 import util
 from conftest import MAE_HIERA_ONLY
-from hiera import Hiera, create_hiera, reroll, unroll
-from mae_pretrain import (MaskedAutoencoderHiera, create_mae_hiera, patchify_hiera,
-                          random_unit_mask, reconstruct)
+from hiera import (Hiera, MaskedAutoencoderHiera, create_hiera, patchify_hiera, random_unit_mask,
+                   reroll, unroll)
+from mae_pretrain import mae_loss, reconstruct
 from vit import VisionTransformer
 
 IMG = 64  # 16x16 tokens, 2x2 mask units: the smallest image Hiera takes
@@ -201,14 +202,14 @@ def test_layer_taps_and_stop_at():
 
 
 def test_bad_sizes_and_masks_fail_with_one_line():
-    with pytest.raises(util.ConfigError, match="multiple of 32 px.*got 100"):
+    with pytest.raises(ValueError, match="multiple of 32 px.*got 100"):
         Hiera(img_size=100, **STUDENT)
     ours, _ = pair("student_q2")
-    with pytest.raises(util.ConfigError, match="expected 64x64 images"):
+    with pytest.raises(ValueError, match="expected 64x64 images"):
         ours(torch.randn(1, 3, 96, 96))
-    with pytest.raises(util.ConfigError, match="mask must be bool"):
+    with pytest.raises(ValueError, match="keep must be bool"):
         ours.embed(IMGS, keep_two_of_four().float())
-    with pytest.raises(util.ConfigError, match="same number of mask units"):
+    with pytest.raises(ValueError, match="same number of mask units"):
         ours.embed(IMGS, torch.tensor([[True, True, True, False], [True, False, False, False]]))
 
 
@@ -224,7 +225,7 @@ def small_mae(seed=0, **kw):
 def test_unit_mask_keeps_the_int_U_times_one_minus_ratio_smallest_noises():
     noise = torch.rand(3, 49)
     for ratio, n_keep in ((0.4, 29), (0.6, 19)):  # HIERA.md section 4
-        keep = random_unit_mask(3, 49, ratio, noise)
+        keep = random_unit_mask(noise, ratio)
         assert keep.dtype == torch.bool and keep.sum(1).tolist() == [n_keep] * 3
         for b in range(3):
             smallest = sorted(range(49), key=lambda u: noise[b, u].item())[:n_keep]
@@ -235,8 +236,8 @@ def test_forward_mask_marks_the_patches_of_removed_units_in_raster_order():
     mae = small_mae()  # 64 px, q_pool 2: 16 px patches, a 4x4 grid, 2x2 patches per unit
     noise = torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.7, 0.3, 0.6, 0.4]])
     with torch.no_grad():
-        _, pred, mask = mae(IMGS, 0.5, noise)
-    keep = random_unit_mask(2, 4, 0.5, noise)
+        pred, _, mask = mae(IMGS, 0.5, noise)
+    keep = random_unit_mask(noise, 0.5)
     assert keep.tolist() == [[True, False, False, True], [False, True, False, True]]
     assert pred.shape == (2, 16, 3 * 16 * 16)
     for b in range(2):
@@ -259,11 +260,12 @@ def test_target_is_each_16px_patch_ordered_channel_row_column():
 def test_loss_ignores_predictions_at_kept_units_and_norm_pix_is_unbiased():
     mae = small_mae()
     imgs = torch.rand(2, 3, IMG, IMG) * 5
-    mask = mae.removed_patches(keep_two_of_four())
+    keep, mask = mae.masking(torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.9, 0.1, 0.2, 0.8]]), 0.5)
+    assert torch.equal(keep, keep_two_of_four())
     pred = torch.randn(2, 16, 768)
-    base = mae.forward_loss(imgs, pred, mask)
+    base = mae_loss(pred, mae.patchify(imgs), mask, mae.norm_pix_loss)
     changed = pred + (1 - mask)[..., None] * 100.0  # only the kept units' predictions move
-    assert mae.forward_loss(imgs, changed, mask).item() == pytest.approx(base.item())
+    assert mae_loss(changed, mae.patchify(imgs), mask, mae.norm_pix_loss).item() == pytest.approx(base.item())
     t = patchify_hiera(imgs, 16)
     n = t.shape[-1]
     mean = t.sum(-1, keepdim=True) / n
@@ -314,15 +316,15 @@ def test_decoder_puts_each_kept_units_latent_and_mask_tokens_in_raster_order():
 
 def test_every_parameter_gets_a_gradient():
     mae = small_mae().train()
-    loss, _, _ = mae(IMGS, 0.5)
+    loss = mae_loss(*mae(IMGS, 0.5), mae.norm_pix_loss)
     loss.backward()
     assert [n for n, p in mae.named_parameters() if p.grad is None or not p.grad.any()] == []
 
 
 def test_mae_student_preset_size_and_names():
     with torch.device("meta"):
-        student = create_mae_hiera("mae_hiera_tiny")
-        base = create_mae_hiera("mae_hiera_base")
+        student = create_hiera("mae_hiera_tiny")
+        base = create_hiera("mae_hiera_base")
     assert sum(p.numel() for p in student.parameters()) == 6_973_838  # HIERA.md section 2
     assert (student.q_pool, student.pred_stride, len(student.decoder_blocks)) == (2, 16, 1)
     assert student.decoder_blocks[0].attn.num_heads == 3 and student.decoder_embed.out_features == 96
@@ -356,14 +358,14 @@ def test_an_official_mae_hiera_checkpoint_loads_into_the_mae_and_into_a_classifi
     src = small_mae()
     path = save(tmp_path, "mae_hiera_base_224.pth", {"model_state": src.state_dict()})
     dst = small_mae(seed=1)
-    report = util.load_pretrained(dst, path, verbose=False)
+    report = checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), verbose=False)
     assert report.missing == [] and report.unexpected == []
     noise = torch.rand(2, 4)
     with torch.no_grad():
-        assert torch.equal(dst(IMGS, 0.5, noise)[1], src(IMGS, 0.5, noise)[1])
+        assert torch.equal(dst(IMGS, 0.5, noise)[0], src(IMGS, 0.5, noise)[0])  # the predictions
 
     clf = Hiera(img_size=IMG, num_classes=10, q_pool=3, **STUDENT)
-    report = util.load_pretrained(clf, path, verbose=False)
+    report = checkpoints.load_pretrained(clf, checkpoints.load(path), str(path), verbose=False)
     assert sorted(report.missing) == ["head.projection.bias", "head.projection.weight",
                                       "norm.bias", "norm.weight"]
     assert {k.split(".")[0] for k in report.unexpected} == {
@@ -380,7 +382,7 @@ def test_timm_names_map_to_the_official_and_give_the_same_logits(tmp_path):
     src, ref = pair("student_q3")
     path = save(tmp_path, "hiera_timm.pth", ref.state_dict())  # head.norm / head.fc
     dst = Hiera(img_size=IMG, num_classes=10, q_pool=3, **STUDENT).eval()
-    report = util.load_pretrained(dst, path, allow_missing=(), verbose=False)
+    report = checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), allow_missing=(), verbose=False)
     assert report.missing == [] and report.unexpected == []
     with torch.no_grad():
         assert torch.equal(dst(IMGS), src(IMGS))
@@ -390,7 +392,7 @@ def test_pos_embed_of_another_image_size_is_interpolated_without_a_cls_row(tmp_p
     src, _ = pair("student_q3")
     path = save(tmp_path, "hiera_64.pth", {"model_state": src.state_dict()})
     dst = Hiera(img_size=96, num_classes=10, q_pool=3, **STUDENT)
-    report = util.load_pretrained(dst, path, verbose=False)
+    report = checkpoints.load_pretrained(dst, checkpoints.load(path), str(path), verbose=False)
     assert "pos_embed interpolated from a 16x16 to a 24x24 grid" in report.notes
     with torch.no_grad():
         assert dst(torch.randn(1, 3, 96, 96)).shape == (1, 10)
@@ -402,32 +404,36 @@ def test_a_hiera_file_for_a_vit_or_a_vit_file_for_a_hiera_fails_in_one_line(tmp_
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     vit_path = save(tmp_path, "vit.pth", {"model": vit.state_dict()})
     with pytest.raises(util.CheckpointError, match="hiera.pth: is a Hiera checkpoint, the model is a ViT"):
-        util.load_pretrained(vit, hiera_path, verbose=False)
-    with pytest.raises(util.CheckpointError, match="hiera.pth: is a Hiera checkpoint, not a ViT"):
-        util.infer_vit_config(hiera_path)
+        checkpoints.load_pretrained(vit, checkpoints.load(hiera_path), str(hiera_path), verbose=False)
+    # one infer_config for both families now: it names the file's family instead of refusing it
+    assert checkpoints.infer_config(checkpoints.load(hiera_path), str(hiera_path))["family"] == "Hiera"
     with pytest.raises(util.CheckpointError, match="vit.pth: is a ViT checkpoint, the model is a Hiera"):
-        util.load_pretrained(Hiera(img_size=IMG, **STUDENT), vit_path, verbose=False)
-    with pytest.raises(util.CheckpointError, match="vit.pth: is a ViT checkpoint, not a Hiera"):
-        hiera.infer_hiera_config(vit_path)
+        checkpoints.load_pretrained(Hiera(img_size=IMG, **STUDENT), checkpoints.load(vit_path), str(vit_path),
+                                    verbose=False)
+    assert checkpoints.infer_config(checkpoints.load(vit_path), str(vit_path))["family"] == "ViT"
 
 
 def test_architecture_is_inferred_from_hiera_weights(tmp_path):
     src, _ = pair("tiny_q3")
-    clf = hiera.infer_hiera_config(save(tmp_path, "clf.pth", {"model_state": src.state_dict()}))
-    assert {k: clf[k] for k in ("embed_dim", "img_size", "stages", "num_heads", "q_pool", "num_classes")} == \
-        dict(embed_dim=96, img_size=64, stages=[1, 2, 7, 2], num_heads=1, q_pool=3, num_classes=10)
+    path = save(tmp_path, "clf.pth", {"model_state": src.state_dict()})
+    clf = checkpoints.infer_config(checkpoints.load(path), str(path))
+    assert {k: clf[k] for k in ("family", "embed_dim", "img_size", "stages", "num_heads", "q_pool",
+                                "num_classes")} == \
+        dict(family="Hiera", embed_dim=96, img_size=64, stages=[1, 2, 7, 2], num_heads=1, q_pool=3, num_classes=10)
     model = small_mae()
-    mae = hiera.infer_hiera_config(save(tmp_path, "mae.pth", {"model": model.state_dict(),
-                                                               "model_config": model.config}))
-    assert {k: mae[k] for k in ("embed_dim", "stages", "q_pool", "decoder_embed_dim", "decoder_depth",
+    path = save(tmp_path, "mae.pth", {"model": model.state_dict(), "model_config": model.config})
+    mae = checkpoints.infer_config(checkpoints.load(path), str(path))
+    assert {k: mae[k] for k in ("family", "embed_dim", "stages", "q_pool", "decoder_embed_dim", "decoder_depth",
                                 "decoder_num_heads", "heads_inferred")} == \
-        dict(embed_dim=46, stages=[1, 2, 7, 2], q_pool=2, decoder_embed_dim=32, decoder_depth=1,
+        dict(family="Hiera", embed_dim=46, stages=[1, 2, 7, 2], q_pool=2, decoder_embed_dim=32, decoder_depth=1,
              decoder_num_heads=2, heads_inferred=False)
+    assert "decode_layer" not in mae  # only a ViT MAE reads its decoder from a chosen block
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--input_size", "32"], "--mask_ratio 0.6 keeps none of the 1 mask units of a 32 px image"),
-    (["--input_size", "64", "--mask_ratio", "0.9"], "--mask_ratio 0.9 keeps none of the 4 mask units"),
+    (["--input_size", "32"], "--input_size / --mask_ratio: mask ratio 0.6 keeps none of the 1 mask units of a "
+                             "32 px image"),
+    (["--input_size", "64", "--mask_ratio", "0.9"], "mask ratio 0.9 keeps none of the 4 mask units"),
 ])
 def test_an_mae_hiera_that_would_keep_no_mask_unit_is_refused_at_start(flags, message):
     import mae_pretrain

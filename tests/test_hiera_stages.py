@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import analyze
+import checkpoints
+import data
 import distill_pretrain as dp
 import finetune
 import util
 from conftest import MAE_HIERA_ONLY, error_line, run_script
-from hiera import Hiera, create_hiera, reroll
-from mae_pretrain import MaskedAutoencoderHiera, random_unit_mask
+from hiera import Hiera, MaskedAutoencoderHiera, create_hiera, random_unit_mask, reroll
+from mae_pretrain import mae_loss
 from vit import VisionTransformer
 
 IMG = 64
@@ -55,12 +57,12 @@ def official_teacher(tmp_path_factory):
 
 
 def small_distiller(teacher, mask_ratio=0.5, weight=0.7):
-    """A 16-wide MAE-Hiera student (its last block: 8 heads) in HieraAttentionDistiller, distilling
+    """A 16-wide MAE-Hiera student (its last block: 8 heads) in AttentionDistiller, distilling
     the teacher's last block: build_model's wiring at a fraction of mae_hiera_tiny's cost."""
     torch.manual_seed(0)
     student = MaskedAutoencoderHiera(img_size=IMG, **SMALL_STUDENT, decoder_embed_dim=32, decoder_depth=1,
                                      decoder_num_heads=2)
-    return dp.HieraAttentionDistiller(student, teacher.blocks[-1].attn.num_heads, teacher.depth, mask_ratio, weight)
+    return dp.AttentionDistiller(student, teacher.blocks[-1].attn.num_heads, teacher.depth, mask_ratio, weight)
 
 
 def distill_args(*flags):
@@ -138,8 +140,10 @@ def test_a_partial_hiera_teacher_file_is_refused_naming_the_missing_tensor(offic
     (["--method", "feature"], "--method feature takes a ViT student"),
     (["--patch_size", "16"], "--patch_size is for a ViT; --model mae_hiera_tiny is a Hiera"),
     (["--teacher_model", "vit_base"], "--teacher_model is for a ViT; --model mae_hiera_tiny is a Hiera"),
-    (["--input_size", "80"], "--input_size 80: a Hiera needs a multiple of 32"),
-    (["--mask_ratio", "0.8"], "--mask_ratio 0.8 keeps none of the 4 mask units"),
+    (["--input_size", "80"], "--input_size / --mask_ratio: a Hiera needs an image size that is a multiple of 32 px "
+                             "(whole 8x8-token mask units), got 80"),
+    (["--mask_ratio", "0.8"], "--input_size / --mask_ratio: mask ratio 0.8 keeps none of the 4 mask units of a "
+                              "64 px image"),
 ])
 def test_flags_a_hiera_student_cannot_use_are_refused_naming_them(flags, message):
     args = dp.get_args_parser().parse_args(["--method", "attn", "--model", "mae_hiera_tiny", "--teacher",
@@ -150,7 +154,7 @@ def test_flags_a_hiera_student_cannot_use_are_refused_naming_them(flags, message
 
 def test_a_hiera_student_gets_mae_lites_mask_ratio_and_decoder_and_a_vit_keeps_maes():
     args = distill_args("--teacher", "t.pth")
-    assert dp.check_args(args) == 32  # (64 / 32)^2 = 4 noise values per image: one per mask unit
+    assert dp.check_args(args) == 4  # (64 / 32)^2 = 4 noise values per image: one per mask unit
     assert (args.mask_ratio, args.decoder_embed_dim, args.decoder_depth, args.decoder_num_heads) == \
         (0.4, 96, 1, 3)
     vit = dp.get_args_parser().parse_args(["--method", "attn", "--teacher", "t.pth", "--input_size", "32",
@@ -186,8 +190,8 @@ def test_the_loss_is_pixel_plus_mse_of_mixed_student_logits_to_the_teachers_on_t
     with torch.no_grad():
         torch.nn.init.normal_(model.distill.mix.weight)
         loss, terms = model(IMGS, NOISE, teacher)
-        keep = random_unit_mask(2, 4, 0.5, NOISE)
-        pixel = model.student(IMGS, 0.5, NOISE)[0]  # the MAE-Hiera's own loss at this mask
+        keep = random_unit_mask(NOISE, 0.5)
+        pixel = mae_loss(*model.student(IMGS, 0.5, NOISE), model.student.norm_pix_loss)  # the MAE-Hiera's own loss
     a_s = timm_last_block_logits(model.student, IMGS, keep, SMALL_STUDENT)  # (2, 8, 8, 8): 2 units x 4
     a_t = timm_last_block_logits(mae_teacher, IMGS, keep, {k: TEACHER[k] for k in SMALL_STUDENT})
     W = model.distill.mix.weight  # (8 teacher heads, 8 student heads)
@@ -238,7 +242,8 @@ def test_a_short_distillation_run_lowers_the_attention_loss(distilled):
 def test_the_distilled_checkpoint_loads_as_a_plain_hiera_backbone_and_as_a_teacher(distilled, capsys):
     ckpt = torch.load(distilled / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
     clf = create_hiera("hiera_lite_tiny", img_size=IMG, num_classes=8)
-    report = util.load_pretrained(clf, distilled / "checkpoint.pth", verbose=False)
+    path = distilled / "checkpoint.pth"
+    report = checkpoints.load_pretrained(clf, checkpoints.load(path), str(path), verbose=False)
     assert sorted(report.missing) == ["head.projection.bias", "head.projection.weight", "norm.bias", "norm.weight"]
     assert "distill.mix.weight" in report.unexpected and "decoder_pred.weight" in report.unexpected
     assert all(torch.equal(clf.state_dict()[k], ckpt["student." + k]) for k in report.loaded)
@@ -282,7 +287,7 @@ def test_a_hiera_classifier_pools_three_times_with_drop_path_rising_to_the_flag_
     torch.manual_seed(0)
     model = finetune.build_model(args, 8)
     assert isinstance(model, Hiera) and model.q_pool == 3 and model.head.projection.out_features == 8
-    assert [b.drop_path.p for b in model.blocks] == pytest.approx(torch.linspace(0, 0.2, 12).tolist())
+    assert [b.drop_path for b in model.blocks] == pytest.approx(torch.linspace(0, 0.2, 12).tolist())
     assert model.head.projection.weight.std().item() == pytest.approx(2e-5, rel=0.1)
     assert torch.all(model.head.projection.bias == 0)
 
@@ -292,7 +297,8 @@ def test_a_hiera_classifier_pools_three_times_with_drop_path_rising_to_the_flag_
     (["--cls_token"], "--cls_token is for a ViT"),
     (["--linprobe"], "--linprobe is for a ViT"),
     (["--uniform_heads"], "--uniform_heads is for a ViT"),
-    (["--input_size", "80"], "--input_size 80: a Hiera needs a multiple of 32"),
+    (["--input_size", "80"], r"--input_size: a Hiera needs an image size that is a multiple of 32 px "
+                             r"\(whole 8x8-token mask units\), got 80"),
 ])
 def test_vit_only_fine_tuning_flags_and_partial_mask_units_are_refused_for_a_hiera(flags, message):
     with pytest.raises(util.ConfigError, match=message):
@@ -321,8 +327,8 @@ def test_eval_of_a_fine_tuned_hiera_counts_what_its_logits_say(finetuned):
     model = create_hiera("hiera_lite_tiny", img_size=IMG, num_classes=8).eval()
     model.load_state_dict(ckpt["model"], strict=True)
     args = ft_args("--synthetic_samples", 32)
-    val, _ = util.build_dataset(args, train=False, transform=util.eval_transform(IMG))
-    imgs = util.normalize(torch.stack([val[i][0] for i in range(len(val))]))
+    val, _ = data.build_dataset(args, train=False, transform=data.eval_transform(IMG))
+    imgs = data.normalize(torch.stack([val[i][0] for i in range(len(val))]))
     labels = torch.tensor([val[i][1] for i in range(len(val))])
     with torch.no_grad():
         logits = model(imgs)
@@ -338,7 +344,7 @@ def test_eval_of_a_fine_tuned_hiera_counts_what_its_logits_say(finetuned):
 def test_token_centres_reroll_to_the_raster_grid_of_each_blocks_resolution():
     model = Hiera(img_size=IMG, num_classes=0, q_pool=2, **SMALL_STUDENT)
     before = [0, *model.pooled]
-    for k, (queries, keys) in enumerate(analyze.hiera_token_centres(model), start=1):
+    for k, (queries, keys) in enumerate(model.token_centres(), start=1):
         for centres, pooled in ((keys, before[k - 1]), (queries, before[k])):
             tokens = rearrange(centres, "w t c -> 1 (t w) c")  # the block's token order
             grid = reroll(tokens, pooled, mask_grid=2)[0]  # (H, W, 2) raster, by hiera.reroll
@@ -351,8 +357,8 @@ def test_token_centres_reroll_to_the_raster_grid_of_each_blocks_resolution():
 
 def test_uniform_attention_statistics_per_block_match_the_grid_references():
     model = Hiera(img_size=IMG, num_classes=0, q_pool=2, **SMALL_STUDENT)
-    stats = analyze.HieraAttentionStats(model)
-    shapes = [(q.shape[0], q.shape[1], k.shape[1]) for q, k in analyze.hiera_token_centres(model)]
+    stats = analyze.AttentionStats(model)
+    shapes = [(q.shape[0], q.shape[1], k.shape[1]) for q, k in model.token_centres()]
     stats.update([torch.full((3, 2, w, tq, tk), 1.0 / tk) for w, tq, tk in shapes])
     distance, entropy = stats.compute()
     # block 1: within each 32-px unit, 8x8 tokens of 4 px; block 6 (global, 2 poolings): 4x4 of 16 px
@@ -401,5 +407,6 @@ def test_a_vit_preset_or_reconstructions_for_a_hiera_without_decoder_are_refused
     path = save(tmp_path / "hiera_clf.pth", {"model_state": clf.state_dict()})
     with pytest.raises(util.ConfigError, match="--model names a ViT preset; .*hiera_clf.pth is a Hiera"):
         analyze.main(analyze_args(path, "--model", "vit_tiny", "--output_dir", tmp_path / "a"))
-    with pytest.raises(util.CheckpointError, match="hiera_clf.pth: has no MAE-Hiera decoder"):
+    with pytest.raises(util.CheckpointError, match=r"hiera_clf.pth: has no MAE decoder .*so it cannot reconstruct images: .*"
+                                                    r"an official mae_hiera_\*_224 file"):
         analyze.main(analyze_args(path, "--reconstruct", "--output_dir", tmp_path / "b"))

@@ -1,9 +1,10 @@
 """mae_pretrain.py's model: masking, patches, loss, and the official parameter names."""
 import pytest
 import torch
+from einops import repeat
 
-from mae_pretrain import MaskedAutoencoderViT, create_mae, patchify, random_masking, unpatchify
-from vit import VisionTransformer
+from mae_pretrain import MaskedAutoencoderViT, create_mae, mae_loss, patchify, random_masking, unpatchify
+from vit import VisionTransformer, gather_tokens
 
 MAE_CFG = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -19,7 +20,8 @@ def small_mae(**kw):
 
 def test_random_masking_keeps_int_L_times_one_minus_ratio_and_mask_marks_the_rest():
     x = torch.randn(5, 49, 4)
-    x_masked, mask, ids_restore = random_masking(x, 0.75)
+    ids_keep, mask = random_masking(torch.rand(5, 49), 0.75)
+    x_masked = gather_tokens(x, ids_keep)
     assert x_masked.shape == (5, int(49 * 0.25), 4) == (5, 12, 4)
     assert torch.all(mask.sum(1) == 49 - 12)
     assert set(mask.unique().tolist()) == {0.0, 1.0}
@@ -29,27 +31,44 @@ def test_kept_tokens_are_those_with_the_smallest_noise_and_mask_partitions_them(
     x = torch.arange(2 * 8, dtype=torch.float32).view(2, 8, 1).expand(2, 8, 3)
     noise = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.6],
                           [0.05, 0.95, 0.15, 0.85, 0.25, 0.75, 0.35, 0.65]])
-    x_masked, mask, ids_restore = random_masking(x, 0.5, noise)
+    ids_keep, mask = random_masking(noise, 0.5)
+    x_masked = gather_tokens(x, ids_keep)
     kept0 = [1, 5, 3, 2]  # the 4 smallest noises, in ascending order of noise
     assert x_masked[0, :, 0].tolist() == [float(i) for i in kept0]
     assert torch.equal(mask[0], torch.tensor([1., 0, 0, 0, 1, 0, 1, 1]))
     assert torch.equal(mask[1], torch.tensor([0., 1, 0, 1, 0, 1, 0, 1]))
 
 
-def test_ids_restore_is_the_inverse_of_the_shuffle():
-    noise = torch.rand(3, 20)
-    _, _, ids_restore = random_masking(torch.randn(3, 20, 2), 0.6, noise)
+def test_decoder_scatter_is_the_official_ids_restore_unshuffle():
+    """random_masking no longer returns ids_restore: the kept ids are the head of the official
+    shuffle, and forward_decoder's scatter puts every token where the official unshuffle (the
+    inverse permutation ids_restore) does."""
+    model = small_mae().eval()
+    noise = torch.rand(3, 16)
+    ids_keep, _ = random_masking(noise, 0.6)
     ids_shuffle = noise.argsort(1)
-    assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), torch.arange(20).expand(3, 20))
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # the official code's
+    assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), torch.arange(16).expand(3, 16))
+    assert torch.equal(ids_keep, ids_shuffle[:, :ids_keep.shape[1]])
+    latent = torch.randn(3, 1 + ids_keep.shape[1], 32)
+    with torch.no_grad():
+        x = model.decoder_embed(latent)  # the official forward_decoder, step by step
+        x_ = torch.cat([x[:, 1:], model.mask_token.expand(3, 16 + 1 - x.shape[1], -1)], dim=1)
+        x_ = torch.gather(x_, 1, repeat(ids_restore, "n l -> n l d", d=x.shape[-1]))
+        x = torch.cat([x[:, :1], x_], dim=1) + model.decoder_pos_embed
+        for blk in model.decoder_blocks:
+            x = blk(x)
+        official = model.decoder_pred(model.decoder_norm(x))[:, 1:]
+        assert torch.allclose(model.forward_decoder(latent, ids_keep), official, atol=1e-6)
 
 
 def test_same_noise_gives_the_same_mask_and_loss_other_noise_does_not():
     model, imgs = small_mae().eval(), torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 16)
     with torch.no_grad():
-        l1, _, m1 = model(imgs, 0.75, noise)
-        l2, _, m2 = model(imgs, 0.75, noise.clone())
-        l3, _, m3 = model(imgs, 0.75, torch.rand(2, 16))
+        (l1, m1), (l2, m2), (l3, m3) = (
+            (mae_loss(pred, target, mask, model.norm_pix_loss), mask)
+            for pred, target, mask in (model(imgs, 0.75, n) for n in (noise, noise.clone(), torch.rand(2, 16))))
     assert torch.equal(m1, m2) and l1 == l2
     assert not torch.equal(m1, m3) and l1 != l3
 
@@ -77,9 +96,9 @@ def test_loss_counts_only_removed_patches():
     target = patchify(imgs, 8)
     mask = (torch.rand(2, 16) < 0.75).float()
     pred = torch.randn(2, 16, 192)
-    base = model.forward_loss(imgs, pred, mask)
+    base = mae_loss(pred, target, mask, model.norm_pix_loss)
     kept = pred + (1 - mask)[..., None] * 100.0  # change only the visible patches
-    assert model.forward_loss(imgs, kept, mask) == pytest.approx(base.item())
+    assert mae_loss(kept, target, mask, model.norm_pix_loss) == pytest.approx(base.item())
     manual = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
     assert base.item() == pytest.approx(manual.item(), rel=1e-6)
 
@@ -92,14 +111,15 @@ def test_norm_pix_target_is_each_patch_standardised_with_unbiased_variance():
     var = ((t - mean) ** 2).sum(-1, keepdim=True) / (n - 1)
     target = (t - mean) / torch.sqrt(var + 1e-6)
     mask = torch.ones(2, 16)
-    assert model.forward_loss(imgs, target, mask).item() == pytest.approx(0.0, abs=1e-8)
-    assert model.forward_loss(imgs, t, mask).item() > 1.0  # raw pixels are not the target
+    assert mae_loss(target, t, mask, model.norm_pix_loss).item() == pytest.approx(0.0, abs=1e-8)
+    assert mae_loss(t, t, mask, model.norm_pix_loss).item() > 1.0  # raw pixels are not the target
 
 
 def test_mask_ratio_zero_takes_the_loss_over_all_patches():
     model, imgs = small_mae().eval(), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        loss, pred, mask = model(imgs, 0.0)
+        pred, target, mask = model(imgs, 0.0)
+        loss = mae_loss(pred, target, mask, model.norm_pix_loss)
     assert mask.sum() == 0
     assert loss.item() == pytest.approx(((pred - patchify(imgs, 8)) ** 2).mean().item(), rel=1e-5)
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import analyze
+import data
 import finetune
 import mae_pretrain
 import util
@@ -146,7 +147,7 @@ def test_a_symlink_loop_inside_an_image_folder_counts_each_image_once(tmp_path, 
     write_folder(tmp_path / "data" / "train", ["cat", "dog"], n=20)
     (tmp_path / "data" / "train" / "cat" / "loop").symlink_to("..")
     args = mae_args("--data_path", tmp_path / "data")
-    ds, classes = util.build_dataset(args, train=True)
+    ds, classes = data.build_dataset(args, train=True)
     assert len(ds) == 40 and classes == ["cat", "dog"]
     assert [t for _, t in ds.samples].count(0) == 20  # dog's images are not filed under cat
     assert "skipped 1 symlinked folder(s)" in capsys.readouterr().out
@@ -158,7 +159,7 @@ def test_a_folder_of_links_to_images_still_loads(tmp_path):
     for c in ("a", "b"):
         (tmp_path / "sub" / "train" / c).mkdir(parents=True)
         (tmp_path / "sub" / "train" / c / "0.png").symlink_to(tmp_path / "full" / "train" / c / "0.png")
-    ds, _ = util.build_dataset(mae_args("--data_path", tmp_path / "sub"), train=True)
+    ds, _ = data.build_dataset(mae_args("--data_path", tmp_path / "sub"), train=True)
     assert len(ds) == 2
 
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import data
 import distill_pretrain as dp
 import finetune
 import util
@@ -59,7 +60,7 @@ def run_step(model, step, batch):
 
 def test_an_mae_step_makes_no_host_sync():
     syncs = run_step(create_mae("mae_vit_tiny", img_size=32, patch_size=8).to(META),
-                     partial(mae_step, mask_ratio=0.75), meta_batch())
+                     partial(mae_step, mask_ratio=0.75, norm_pix=True), meta_batch())
     assert (syncs.reads, syncs.copies) == (0, [])
 
 
@@ -241,28 +242,28 @@ def test_gpu_decode_code_on_the_cpu_gives_the_default_crop_boxes_and_nearly_the_
     with torch's antialiased bicubic: the pixels differ by the two decoders (PIL's and
     torchvision's libjpeg) and the float vs uint8 resize kernels only."""
     paths = write_jpegs(tmp_path)  # 160 x 120: no crop is twice the 64-px output, so no reduced decode
-    cpu, enc = util.DecodeCropFlip(64, (0.2, 1.0)), util.EncodeCropFlip(64, (0.2, 1.0))
+    cpu, enc = data.DecodeCropFlip(64, (0.2, 1.0)), data.EncodeCropFlip(64, (0.2, 1.0))
     outs, crops, boxes = [], [], []
     for i, path in enumerate(paths):
         torch.manual_seed(i)
-        boxes.append(cpu.params(*util.open_image(path).size))
+        boxes.append(cpu.params(*data.open_image(path).size))
         torch.manual_seed(i)
-        outs.append(cpu(util.open_image(path)))
+        outs.append(cpu(data.open_image(path)))
         torch.manual_seed(i)
-        crops.append(enc(util.open_image(path)))
+        crops.append(enc(data.open_image(path)))
     assert [(c.box, c.flip) for c in crops] == boxes
     assert all(c.data.ndim == 1 for c in crops)  # the file's bytes, not pixels
-    diff = (torch.stack(outs).float() - util.decode_crops(crops, "cpu").float()).abs()
+    diff = (torch.stack(outs).float() - data.decode_crops(crops, "cpu").float()).abs()
     assert diff.mean() < 2 and diff.max() < 32
 
 
 def test_a_jpeg_whose_crop_is_large_is_decoded_at_a_reduced_scale(tmp_path):
     path, = write_jpegs(tmp_path, n=1, sizes=((500, 375),))
-    rgb, scale = util.decode_rgb(util.open_image(path), (100, 80))  # 1/4 still gives >= 100 x 80
+    rgb, scale = data.decode_rgb(data.open_image(path), (100, 80))  # 1/4 still gives >= 100 x 80
     assert rgb.size == (125, 94) and scale == (4.0, 375 / 94)
     # libjpeg's reduced decode is its own low-pass filter: close to a bicubic downscale
-    full = util.pil_to_uint8(util.decode_rgb(util.open_image(path))[0].resize((125, 94), Image.BICUBIC))
-    assert (util.pil_to_uint8(rgb).float() - full.float()).abs().mean() < 3.5
+    full = data.pil_to_uint8(data.decode_rgb(data.open_image(path))[0].resize((125, 94), Image.BICUBIC))
+    assert (data.pil_to_uint8(rgb).float() - full.float()).abs().mean() < 3.5
 
 
 def test_gpu_decode_without_a_gpu_is_one_line(tmp_path):
@@ -274,12 +275,14 @@ def test_gpu_decode_without_a_gpu_is_one_line(tmp_path):
 
 def test_batches_leave_the_loader_as_uint8_and_are_normalised_on_the_device(tmp_path):
     args = finetune.get_args_parser().parse_args([*TINY_DATA, "--batch_size", "4"])
-    ds, _ = util.build_dataset(args, train=True, transform=util.pretrain_transform(32))
+    ds, _ = data.build_dataset(args, train=True, transform=data.pretrain_transform(32))
     dinfo = util.DistInfo()
-    imgs, labels, noise = next(iter(util.build_train_loader(ds, args, dinfo, noise=16)))
+    device_loader = data.build_train_loader(ds, args, dinfo, noise=16)
+    imgs, labels, noise = next(iter(device_loader.loader))  # what crosses to the device
     assert imgs.dtype == torch.uint8 and imgs.shape == (4, 3, 32, 32) and noise.shape == (4, 16)
-    x, _, _ = util.to_device((imgs, labels, noise), torch.device("cpu"))
-    mean, std = torch.tensor(util.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(util.IMAGENET_STD).view(3, 1, 1)
+    x, y, n = next(iter(device_loader))  # the same first batch, normalised on the device
+    assert x.device == dinfo.device and torch.equal(y, labels) and torch.equal(n, noise)
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(x, (imgs.float() / 255 - mean) / std, atol=1e-5)
 
 

@@ -1,9 +1,10 @@
-"""util.py: lr schedule, parameter groups, data determinism."""
+"""util.py: lr schedule, parameter groups; data.py: data determinism."""
 import math
 
 import pytest
 import torch
 
+import data
 import util
 from vit import VisionTransformer
 
@@ -52,9 +53,9 @@ def test_layer_decay_scales_follow_the_mae_mapping():
 
 
 def test_synthetic_data_is_deterministic_by_seed_and_class_balanced():
-    a = util.SyntheticShapes(16, 32, seed=3)
-    b = util.SyntheticShapes(16, 32, seed=3)
-    c = util.SyntheticShapes(16, 32, seed=4)
+    a = data.SyntheticShapes(16, 32, seed=3)
+    b = data.SyntheticShapes(16, 32, seed=3)
+    c = data.SyntheticShapes(16, 32, seed=4)
     from torchvision.transforms.functional import pil_to_tensor
     img = lambda ds, i: pil_to_tensor(ds[i][0])
     assert torch.equal(img(a, 5), img(b, 5))
@@ -63,7 +64,7 @@ def test_synthetic_data_is_deterministic_by_seed_and_class_balanced():
 
 
 def test_seeded_samples_repeat_per_epoch_and_index_and_differ_across_epochs():
-    ds = util.SeededSamples(util.SyntheticShapes(8, 32, transform=util.pretrain_transform(32)), seed=0,
+    ds = data.SeededSamples(data.SyntheticShapes(8, 32, transform=data.pretrain_transform(32)), seed=0,
                             noise=10)
     x1, _, s1 = ds[(3, 0)]  # s: the sample's mask noise, drawn from its seed
     torch.rand(5)  # the global RNG state must not matter
@@ -76,8 +77,8 @@ def test_seeded_samples_repeat_per_epoch_and_index_and_differ_across_epochs():
 def test_the_global_batch_is_the_same_split_over_two_ranks():
     """Rank r's batch b holds global positions r, r+2, ... of the 1-process batch b."""
     ds = list(range(40))
-    one = util.EpochSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=7)
-    two = [util.EpochSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=7) for r in (0, 1)]
+    one = data.EpochSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=7)
+    two = [data.EpochSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=7) for r in (0, 1)]
     for s in [one, *two]:
         s.set_epoch(3)
     full = [i for i, _ in one]
