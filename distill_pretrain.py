@@ -691,12 +691,7 @@ def main(args):
 
     for epoch in range(start_epoch, args.epochs):
         stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
-        util.save_training_state(args, model, optimizer, scaler, epoch)
-        util.log_stats(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in stats.items()
-                          if k not in ("lr", "img_per_s", "epoch_time_s", "peak_mem_mb"))
-        print0(f"epoch {epoch}: {terms}  lr {stats['lr']:.2e}  {stats['img_per_s']:.0f} img/s  "
-               f"peak {stats['peak_mem_mb']:.0f} MB")
+        util.end_epoch(args, model, optimizer, scaler, epoch, stats)
 
 
 if __name__ == "__main__":

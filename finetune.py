@@ -566,9 +566,8 @@ def main(args):
     out = Path(args.output_dir)
     for epoch in range(start_epoch, args.epochs):
         stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
-        log = {f"train_{k}": v for k, v in stats.items()}
         extra = {"class_names": list(classes), **({"model_ema": ema.module.state_dict()} if ema is not None else {})}
-        val = None
+        log, result = {"n_parameters": n_params, "train_images": len(train_set)}, ""
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:  # --eval_freq, and the last
             val = evaluate(model, val_loader, device, autocast, len(classes))
             log.update({f"test_{k}": val[k] for k in ("loss", "acc1", "acc5")})
@@ -580,13 +579,11 @@ def main(args):
                     "model": model.state_dict(), **extra, "epoch": epoch, "acc1": val["acc1"],
                     "args": util.plain_args(args), "model_config": model.config})
             best = val["acc1"] if best is None else max(best, val["acc1"])
-        util.save_training_state(args, model, optimizer, scaler, epoch, extra={"best_acc1": best, **extra})
-        util.log_stats(args.output_dir, {**log, **({"best_acc1": best} if best is not None else {}),
-                                         "epoch": epoch, "n_parameters": n_params, "train_images": len(train_set)})
-        result = (f"val loss {val['loss']:.4f}  acc1 {val['acc1']:.2f}  acc{val['top_k']} {val['acc5']:.2f}  "
-                  f"best {best:.2f}" if val else f"not evaluated (--eval_freq {args.eval_freq})")
-        print0(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  {result}  "
-               f"{stats['img_per_s']:.0f} img/s  peak {stats['peak_mem_mb']:.0f} MB")
+            result = (f"val loss {val['loss']:.4f}  acc1 {val['acc1']:.2f}  acc{val['top_k']} {val['acc5']:.2f}  "
+                      f"best {best:.2f}  ")
+        log.update({"best_acc1": best} if best is not None else {})
+        util.end_epoch(args, model, optimizer, scaler, epoch, stats, log, {"best_acc1": best, **extra},
+                       result or f"not evaluated (--eval_freq {args.eval_freq})  ")
 
 
 if __name__ == "__main__":

@@ -352,10 +352,7 @@ def main(args):
 
     for epoch in range(start_epoch, args.epochs):
         stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
-        util.save_training_state(args, model, optimizer, scaler, epoch)
-        util.log_stats(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
-        print0(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
-               f"{stats['img_per_s']:.0f} img/s  peak {stats['peak_mem_mb']:.0f} MB")
+        util.end_epoch(args, model, optimizer, scaler, epoch, stats)
 
     if dinfo.is_main:
         model.eval()

@@ -12,7 +12,7 @@
 - Optimization: `cosine_lr` (per-iteration warmup + half-cosine), `param_groups` (no weight
   decay on 1-D params and tokens; MAE's layer-wise lr decay), AdamW, autocast.
 - The loop: `train_one_epoch` (accumulation under no_sync, autocast, non-finite stop, a tqdm
-  bar, no host sync per step outside the progress updates), `benchmark`, `log_stats`.
+  bar, no host sync per step outside the progress updates), `end_epoch`, `benchmark`.
 """
 import argparse
 import fcntl
@@ -425,11 +425,17 @@ def last_good(args):
     return f"{path} still holds the last good epoch ({epoch}): rerun the same command to continue"
 
 
-def log_stats(output_dir, stats):
-    """Append one JSON object per line to <output_dir>/log.txt (rank 0), as MAE does."""
+def end_epoch(args, model, optimizer, scaler, epoch, stats, log=None, extra=None, result=""):
+    """After an epoch: save checkpoint.pth (with `extra` entries), append the train `stats` and
+    `log` as one JSON line to log.txt (MAE's format, to plot), print one line."""
+    save_training_state(args, model, optimizer, scaler, epoch, extra)
     if is_main_process():
-        with open(Path(output_dir) / "log.txt", "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        with open(Path(args.output_dir) / "log.txt", "a") as f:
+            f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, **(log or {}), "epoch": epoch}) + "\n")
+    terms = "  ".join(f"{k} {v:.4f}" for k, v in stats.items() if k not in ("lr", "img_per_s", "epoch_time_s",
+                                                                           "peak_mem_mb"))
+    print0(f"epoch {epoch}: {terms}  lr {stats['lr']:.2e}  {result}{stats['img_per_s']:.0f} img/s  "
+           f"peak {stats['peak_mem_mb']:.0f} MB")
 
 
 # ----------------------------------------------------------------------------
