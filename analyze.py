@@ -1,10 +1,9 @@
 """Layer analysis of pre-trained ViTs: layer-to-layer CKA, attention distance and entropy, and
 MAE reconstructions (the analysis protocol of MAE-Lite, Wang et al., ICML 2023).
 
-MAE-Lite's finding, which this file lets you check on your own checkpoints: MAE pre-training
-learns a small ViT's lower layers well but its HIGHER layers poorly (seen in layer-to-layer CKA
-against other models and in the attention statistics), which hurts data-poor downstream tasks;
-distilling a large MAE teacher's attention during pre-training repairs much of it.
+MAE-Lite's finding, to check on your own checkpoints: MAE learns a small ViT's lower layers well
+but its HIGHER layers poorly, which hurts data-poor downstream tasks; distilling a large MAE
+teacher's attention during pre-training repairs much of it.
 
 Features, as MAE-Lite takes them: for each block i its LayerNorm'd input (norm1), plus the
 final normalized output; per image the patch tokens (cls removed) are flattened into one
@@ -33,13 +32,10 @@ renormalize each row over the patch keys (p_qk), then average over queries and i
 Uniform attention on a 14x14 grid gives 7.2808 patches (116.49 px at patch 16) and ln 196 =
 5.278 nats; attention.json records uniform attention's values for every block.
 
-Hiera checkpoints are analysed alongside ViTs, as the encoder they were trained as (q_pool 2
-for an MAE-Hiera or a distilled student, a classifier's 3), on the full image: features are
-each block's norm1 output and 'out', the last block's output through a LayerNorm WITHOUT
-affine parameters (no token-wise final norm exists); its tokens are in Hiera's unrolled order,
-which linear CKA does not see (a fixed permutation of the columns leaves X X^T unchanged).
-Attention is measured within what each block attends over: a mask unit (window) for the
-mask-unit blocks, all tokens for the global ones, each token at the pixel centre of its area.
+A Hiera is analysed as the encoder it was trained as, on the full image: 'out' is its last
+block through a LayerNorm without affine parameters; its unrolled token order is invisible to
+CKA (permuting columns leaves X X^T unchanged); attention is measured within what each block
+attends over (a mask unit, or all tokens), each token at the pixel centre of its area.
 
 Choices and deviations:
 - --num_images of the un-augmented val split (train when there is no val/), a random subset
@@ -385,9 +381,8 @@ NO_DECODER = ("{path}: has no MAE decoder (an encoder-only checkpoint, like the 
 def norm_pix_setting(path, obj, flag):
     """-> (norm_pix_loss, why): the checkpoint's record, else the flag, else by file name."""
     for key in ("model_config", "args"):
-        rec = obj.get(key) if isinstance(obj, dict) else None
-        rec = vars(rec) if isinstance(rec, argparse.Namespace) else rec  # MAE's own checkpoints
-        if isinstance(rec, dict) and isinstance(rec.get("norm_pix_loss"), bool):
+        rec = checkpoints.recorded(obj, key)
+        if isinstance(rec.get("norm_pix_loss"), bool):
             if flag is not None and flag != rec["norm_pix_loss"]:
                 print0(f"{path}: ignoring the --norm_pix_loss flag, the checkpoint records "
                        f"norm_pix_loss={rec['norm_pix_loss']}")
@@ -402,8 +397,7 @@ def norm_pix_setting(path, obj, flag):
 def mask_ratio_for(obj, args, default):
     """--mask_ratio, else the ratio the checkpoint records (its run's args, or a Hugging Face
     config.json), else `default`."""
-    recorded = [r.get("mask_ratio") for r in (obj.get(k) for k in ("args", "model_config"))
-                if isinstance(r, dict)] if isinstance(obj, dict) else []
+    recorded = [checkpoints.recorded(obj, k).get("mask_ratio") for k in ("args", "model_config")]
     return next(r for r in (args.mask_ratio, *recorded, default) if r is not None)
 
 

@@ -13,18 +13,11 @@ and reports every key) or `build_encoder` (a frozen ViT / Hiera with the file's 
     transformers        ViT / ViTMAE in 4.x or 5.x names (HF_NAMES), q, k, v fused
     this project        {'model': sd, 'model_config': ..., 'args': ...}; students under student.
 
-Writing (this file's command): a colleague who uses transformers gets your MAE, distilled
-student or classifier as a save_pretrained directory,
-
-    python checkpoints.py runs/dmae_tiny/checkpoint.pth hf/dmae_tiny
-    ViTMAEForPreTraining.from_pretrained("hf/dmae_tiny")       # no missing or unused weights
-
-The checkpoint picks the class (--kind overrides): a decoder -> ViTMAEForPreTraining; a head
-(fine-tuned with --cls_token) -> ViTForImageClassification; neither -> ViTModel (load it with
-add_pooling_layer=False: its tanh pooler is new). config.json says layer_norm_eps 1e-6 and
-exact gelu, so transformers computes what this code computes. Refused in one line, because
-transformers would compute something else: a mean-pooled classifier (fc_norm), a linear-probe
-head, TinyMIM's adaptive last block, relative position bias tables, a D²-MAE decoder (block 8).
+Writing (`python checkpoints.py CKPT OUT_DIR`): a transformers save_pretrained directory whose
+class the checkpoint picks: a decoder -> ViTMAEForPreTraining, a head -> ViTForImageClassification,
+neither -> ViTModel; config.json says layer_norm_eps 1e-6 and exact gelu. What transformers would
+compute otherwise is refused: a mean-pooled or linear-probe head, TinyMIM's adaptive last block,
+relative position bias tables, a D²-MAE decoder (block 8).
 """
 import argparse
 import json
@@ -206,18 +199,12 @@ def group(keys):
 
 
 def load_pretrained(model, obj, name, allow_missing=None, verbose=True, check_heads=True):
-    """Load a checkpoint read by `load` into `model` (a ViT, a Hiera or an MAE), checking every key.
-
-    - pos_embed / decoder_pos_embed of another grid are interpolated (bicubic);
-    - a head of another size is dropped (the model keeps its fresh head);
-    - keys the model does not have (a decoder, a teacher, `norm` for a mean-pooled model) are
-      reported as unexpected and skipped;
-    - missing keys outside `allow_missing` (prefixes; default: the model's `head_prefixes`, else
-      head. and fc_norm.), a depth or shape mismatch, a Hiera file for a ViT or back: one-line
-      CheckpointError naming the file and the key; so is a head split other than the one the
-      file records (num_heads, last_block_heads), unless check_heads=False (asked on purpose).
-    Returns a LoadReport; prints it when verbose.
-    """
+    """Load a checkpoint read by `load` into `model` (a ViT, a Hiera or an MAE), checking every
+    key: position embeddings of another grid are interpolated (bicubic), a head of another size
+    is dropped, keys the model lacks (a decoder, a teacher) are reported unexpected; missing keys
+    outside `allow_missing` (prefixes; default the model's `head_prefixes`), a depth or shape
+    mismatch, another family, or a head split other than the one the file records (unless
+    check_heads=False) is a one-line CheckpointError. Returns a LoadReport (printed if verbose)."""
     sd, own = read_state_dict(obj, name), model.state_dict()
     if family(sd) != family(own):
         raise CheckpointError(f"{name}: is a {family(sd)} checkpoint, the model is a {family(own)}")
@@ -291,13 +278,10 @@ def build_encoder(obj, name, img_size, heads=None, preset=None, hiera_q_pool=2, 
     """The frozen encoder of a checkpoint read by `load`, with the architecture of its weights
     (infer_config) at `img_size`, loaded with every key checked. -> (model in eval mode, cfg).
 
-    ViT: no head, the file's pooling norm, TinyMIM's adaptive last block and relative position
-    tables as recorded. Hiera: no norm and no head (a classifier's are reported unused), q_pool
-    as trained (an MAE's, a recorded one, else `hiera_q_pool`). heads: the head count (of the
-    first stage of a Hiera) instead of the recorded or usual one; preset: a vit.py preset
-    whose width, depth and patch must match the weights (its heads are used where the file
-    records none). A relation student's last block was trained only up to its q/k/v:
-    cfg['last_output_untrained'] says so."""
+    ViT: no head; pooling norm, adaptive last block and relative position tables as recorded.
+    Hiera: no norm, no head, q_pool as trained (else `hiera_q_pool`). heads: instead of the
+    recorded or usual count (a Hiera's first stage); preset: a vit.py preset the weights must
+    match. cfg['last_output_untrained']: a relation student's last block (trained up to q/k/v)."""
     cfg = infer_config(obj, name)
     how = "recorded in the checkpoint" if not cfg["heads_inferred"] else "the width's usual count"
     if preset:

@@ -1,13 +1,8 @@
-"""The data pipeline: datasets, the seeded per-sample augmentation, loaders that deliver
-batches on the device.
-
-- Datasets: an ImageFolder (ImageNet layout), CIFAR, the downstream sets of MAE-Lite's
-  transfer study, or the built-in synthetic shapes (no download needed).
-- Every training sample is augmented under an RNG seeded by (seed, epoch, index), and MAE's
-  mask noise comes from the same per-sample seed, so a run gives the same batches whatever
-  the number of processes or workers, and a resumed run continues exactly.
-- Workers decode, crop and flip in one step and send uint8; the device normalises (or, with
-  --gpu_decode, decodes JPEG bytes itself). A corrupt image stops the run naming the file.
+"""The data pipeline: ImageFolder, CIFAR, MAE-Lite's downstream sets or built-in synthetic shapes.
+Every training sample is augmented under an RNG seeded by (seed, epoch, index), and its mask
+noise comes from the same seed: the same batches on any number of processes or workers, and an
+exact resume. Workers decode, crop and flip and send uint8; the device normalises (or, with
+--gpu_decode, decodes JPEG bytes itself). A corrupt image stops the run naming the file.
 """
 import importlib.util
 import math
@@ -298,16 +293,12 @@ def crop_box(width, height, scale, ratio=(3 / 4, 4 / 3)):
 
 
 class DecodeCropFlip:
-    """RandomResizedCrop (bicubic, antialiased) + horizontal flip as one step on a lazily
-    opened image, ending in a uint8 (3, size, size) tensor (normalised later, on the device).
-
-    The crop box is drawn from the image's header size before any pixel is decoded, so a
-    JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 scale.
-    The crop is then resized by torch's antialiased bicubic on uint8 in channels-last
-    memory: 3.4x faster than PIL's resize on a 300 -> 224 crop (0.39 vs 1.34 ms), with Keys'
-    a = -0.75 where PIL's bicubic has a = -0.5 (a slightly sharper kernel). `crop_box` and
-    the flip draw torch's RNG in the same order in every path: the GPU decode path
-    (EncodeCropFlip) and `crop` (PIL out, for RandAugment) get the same boxes."""
+    """RandomResizedCrop + horizontal flip as one step on a lazily opened image -> uint8
+    (3, size, size). The box is drawn from the header's size before any pixel is decoded, so
+    a JPEG whose crop is at least twice the output is decoded at 1/2, 1/4 or 1/8 scale; the
+    crop is resized by torch's antialiased bicubic (Keys a = -0.75; PIL's a = -0.5), 3.4x
+    faster than PIL's. Every path (this, `crop` for RandAugment, the GPU decode's
+    EncodeCropFlip) draws torch's RNG in the same order: the same boxes."""
 
     def __init__(self, size, scale=(0.08, 1.0), flip=True):
         self.size, self.scale, self.flip = size, scale, flip
@@ -376,14 +367,12 @@ class EvalResizeCrop:
         return pil_to_uint8(rgb.crop((left, top, left + self.size, top + self.size)))
 
 
-def eval_transform(input_size):
-    return EvalResizeCrop(input_size)
+eval_transform = EvalResizeCrop
 
 
 def normalize(imgs):
-    """uint8 images (..., 3, H, W), on the device -> float32 with ImageNet's mean and std.
-    The batch crossed the DataLoader, pinned memory and the PCIe bus as uint8: 4x fewer
-    bytes than float32."""
+    """uint8 images (..., 3, H, W) on the device (they crossed the bus as uint8: 4x fewer bytes)
+    -> float32 with ImageNet's mean and std."""
     mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=imgs.device).view(3, 1, 1) * 255
     return (imgs.float() - mean) / std
@@ -398,11 +387,9 @@ class EpochSampler(DistributedSampler):
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset: sample `index` of epoch `epoch` is loaded and augmented under
-    torch's RNG seeded by hash(seed, epoch, index), and its `noise` uniform numbers (MAE's
-    mask noise: one per patch or mask unit) come from the same seed. Returns (img, label,
-    noise (noise,)). Crops and masks then do not depend on how many processes or workers
-    share the epoch, and are drawn in the worker, off the training loop's critical path."""
+    """Sample `index` of epoch `epoch` loaded and augmented under torch's RNG seeded by
+    hash(seed, epoch, index), with `noise` uniform numbers (MAE's mask noise) from the same
+    seed -> (img, label, noise (noise,)), drawn in the worker, off the critical path."""
 
     def __init__(self, dataset, seed, noise=0):
         self.dataset, self.seed, self.noise = dataset, seed, noise

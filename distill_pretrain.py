@@ -536,12 +536,11 @@ METHODS = ("attn", "relation", "amd", "feature", "d2")
 METHOD_DEFAULTS = {m: dict(epochs=400, warmup_epochs=40, min_crop_scale=0.08) if m in ("attn", "d2") else
                    dict(epochs=300, warmup_epochs=15, min_crop_scale=0.2) for m in METHODS}
 # Flags that only some methods read: giving one to another method is an error, not a no-op.
-METHOD_FLAGS = {"mask_ratio": ("attn", "amd", "d2"), "norm_pix_loss": ("attn", "amd", "d2"),
-                "decoder_embed_dim": ("attn", "amd", "d2"), "decoder_depth": ("attn", "amd", "d2"),
-                "decoder_num_heads": ("attn", "amd", "d2"), "distill_weight": ("attn", "amd", "d2"),
-                "drop_path": ("relation", "feature"), "color_jitter": ("relation", "feature"),
-                "teacher_layer": ("attn", "relation", "feature", "d2"), "student_layers": ("amd",),
-                "teacher_layers": ("amd",), "teacher_mask_ratio": ("amd",), "decode_layer": ("d2",)}
+METHOD_FLAGS = {**dict.fromkeys(("mask_ratio", "norm_pix_loss", "decoder_embed_dim", "decoder_depth",
+                                  "decoder_num_heads", "distill_weight"), ("attn", "amd", "d2")),
+                **dict.fromkeys(("drop_path", "color_jitter"), ("relation", "feature")),
+                **dict.fromkeys(("student_layers", "teacher_layers", "teacher_mask_ratio"), ("amd",)),
+                "teacher_layer": ("attn", "relation", "feature", "d2"), "decode_layer": ("d2",)}
 
 
 def get_args_parser():

@@ -19,12 +19,10 @@ No weight decay on biases, norms, cls_token and pos_embed. Mixed targets:
 Linear probing (--linprobe) measures the frozen features: only BatchNorm1d(affine=False) +
 Linear on the cls token train (LARS, no augmentation beyond crop and flip).
 
---rel_pos_bias (MAE-Lite's "impr.+RPE"): BEiT's relative position bias in every block,
-softmax(q k^T / sqrt(d) + B) v with B[h, i, j] = table[index(i, j), h], one zero-initialised
-table of (2G-1)^2 + 3 entries per block on top of pos_embed (vit.py). --train_subset N
-fine-tunes on N labelled images per class (MAE-Lite IJCV's data-scale study). A Hiera
-(--model hiera_*) classifies the mean of its last tokens through norm and head.projection,
-pooling its queries 3 times (q_pool 3; its MAE was pre-trained at 2).
+--rel_pos_bias (MAE-Lite's "impr.+RPE"): softmax(q k^T / sqrt(d) + B) v in every block, with
+BEiT's B[h, i, j] = table[index(i, j), h] (vit.py). --train_subset N: N labelled images per
+class (MAE-Lite IJCV's data-scale study). A Hiera classifies the mean of its last tokens
+through norm and head.projection, with q_pool 3 (its MAE was pre-trained at 2).
 
 Where this differs from the official code (facebookresearch/mae with timm 0.3.2):
 - RandAugment is torchvision's with 11 magnitude bins, so --aa rand-m9 means 9/10 of each op's

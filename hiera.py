@@ -39,10 +39,9 @@ q_pool 2: 2x2 per unit), each vector ordered (C, py, px) as the official label. 
 loss is mae_pretrain.mae_loss, the one a ViT MAE uses. MAE-Lite's student: embed 46, stages
 (1, 2, 7, 2), q_pool 2, mask ratio 0.4 (29 of 49 units kept), decoder 96 x 1 x 3.
 
-State-dict names are the official checkpoints' (pos_embed, patch_embed.proj, blocks.i.{norm1,
-attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2, proj}, norm, head.projection; MAE: encoder_norm,
-multi_scale_fusion_heads.i, mask_token, decoder_embed, decoder_pos_embed, decoder_blocks.i,
-decoder_norm, decoder_pred); timm's head.norm / head.fc are the same tensors.
+State-dict names are the official checkpoints' (blocks.i.{norm1, attn.qkv, attn.proj, norm2,
+mlp.fc1, mlp.fc2, proj}, norm, head.projection; MAE: encoder_norm, multi_scale_fusion_heads.i,
+mask_token, decoder_*); timm's head.norm / head.fc are the same tensors.
 
 Where this differs from the official code (facebookresearch/hiera):
 - forward returns logits in eval mode too (the official Head applies a softmax in eval).
@@ -513,14 +512,3 @@ def create_hiera(name, **overrides):
     cls = MaskedAutoencoderHiera if presets is MAE_HIERA_PRESETS else Hiera
     return cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
 
-
-def hiera_tiny_224(**kw):
-    return create_hiera("hiera_tiny_224", **kw)
-
-
-def hiera_base_224(**kw):
-    return create_hiera("hiera_base_224", **kw)
-
-
-def mae_hiera_tiny(**kw):
-    return create_hiera("mae_hiera_tiny", **kw)

@@ -1,18 +1,7 @@
-"""Run plumbing shared by the stages, and nothing that teaches a method.
-
-- Errors: `UserError` and its kinds end a run with one line and exit status 1; Ctrl-C or
-  SIGTERM (what SLURM sends before a kill) with one line naming the epoch checkpoint.pth
-  holds. A ValueError raised by a model file (vit.py, hiera.py: a size or head count that
-  cannot work) is such a line too.
-- Distributed: torchrun's environment -> NCCL on CUDA, gloo on CPU; plain `python` runs with
-  no process group; `print0` prints on rank 0.
-- Runs: one run per --output_dir (a lock, and a folder holding another run is refused),
-  atomic checkpoint saves, weights_only loads, a resume that refuses flags which would change
-  the model or the method.
-- Optimization: `cosine_lr` (per-iteration warmup + half-cosine), `param_groups` (no weight
-  decay on 1-D params and tokens; MAE's layer-wise lr decay), AdamW, autocast.
-- The loop: `train_one_epoch` (accumulation under no_sync, autocast, non-finite stop, a tqdm
-  bar, no host sync per step outside the progress updates), `end_epoch`, `benchmark`.
+"""Run plumbing shared by the stages, and nothing that teaches a method: one-line errors
+(`run_main`), torchrun / DDP, the output folder and its checkpoints (atomic saves, weights_only
+loads, exact resume), the lr schedule and parameter groups, common flags, and the loop
+(`train_one_epoch`: accumulation under no_sync, autocast, a non-finite stop, a tqdm bar).
 """
 import argparse
 import fcntl
@@ -35,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------
@@ -690,15 +680,6 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
     return stats
 
 
-def count_flops(fn):
-    """FLOPs of the aten ops fn() dispatches (matmuls, convolutions, attention), counted once
-    by torch.utils.flop_counter on the eager model."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -734,11 +715,11 @@ def benchmark(args, model, loader, optimizer, step_fn, device, autocast=nullcont
         batch, B = next(iter(loader)), args.batch_size
         model.train(True)
 
-        def micro_step():
+        with FlopCounterMode(display=False) as counter:  # torch's count, on the eager model
             with autocast():
-                loss, _ = step_fn(unwrap(model), batch)
+                loss = step_fn(unwrap(model), batch)[0]
             loss.backward()
-        flops = count_flops(micro_step) / B  # per image, forward + backward
+        flops = counter.get_total_flops() / B  # per image, forward + backward
         optimizer.zero_grad(set_to_none=True)
         for i in range(args.benchmark_warmup + args.benchmark):
             if i == args.benchmark_warmup:

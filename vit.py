@@ -265,12 +265,10 @@ class Taps:
 class VisionTransformer(nn.Module):
     """ViT with a cls token, timm's parameter names and the MAE initialisation.
 
-    global_pool: 'token' -> norm, then the cls token; 'avg' -> mean of the patch tokens,
-    then fc_norm (MAE fine-tuning; there is no `norm` then). pos_embed: 'learnable'
-    (trunc-normal 0.02, timm) or 'sincos' (fixed, MAE pre-training; still in the state_dict,
-    as MAE stores it). last_block_heads: the head count of the last block only, same width
-    (TinyMIM's adaptive block). num_classes=0: no head. rel_pos_bias: one zero-initialised
-    BEiT table per block, defined on the full grid (masked inputs are refused).
+    global_pool: 'token' (norm, then the cls token) or 'avg' (mean of the patch tokens, then
+    fc_norm; no `norm`). pos_embed: 'learnable' (trunc-normal 0.02) or 'sincos' (fixed, MAE; in
+    the state_dict as MAE stores it). last_block_heads: TinyMIM's adaptive last block.
+    num_classes=0: no head. rel_pos_bias: a zero-initialised BEiT table per block (full grid only).
     """
 
     num_prefix_tokens = 1  # the cls token: rows of pos_embed before the patch grid
@@ -375,8 +373,8 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Presets (width / depth / heads). Override anything: vit_tiny(num_heads=12) is MAE-Lite's
-# tiny, vit_tiny(num_heads=6) TinyMIM's.
+# Presets (width / depth / heads). Override anything: create_vit("vit_tiny", num_heads=12) is
+# MAE-Lite's tiny, num_heads=6 TinyMIM's.
 
 VIT_PRESETS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -393,22 +391,3 @@ def create_vit(name, **overrides):
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(VIT_PRESETS)}")
     return VisionTransformer(**{**VIT_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
 
-
-def vit_tiny(**kw):
-    return create_vit("vit_tiny", **kw)
-
-
-def vit_small(**kw):
-    return create_vit("vit_small", **kw)
-
-
-def vit_base(**kw):
-    return create_vit("vit_base", **kw)
-
-
-def vit_large(**kw):
-    return create_vit("vit_large", **kw)
-
-
-def vit_huge(**kw):
-    return create_vit("vit_huge", **kw)

@@ -19,7 +19,7 @@ from vit import VisionTransformer
 
 
 def kornblith_xy():
-    """PAPERS.md section 7: numpy seed 1337, X = randn(100, 10), Y = randn(100, 10) + X."""
+    """The reference case of MAE-Lite's CKA check: numpy seed 1337, X = randn(100, 10), Y = randn(100, 10) + X."""
     rng = np.random.RandomState(1337)  # the stream np.random.seed(1337) gives
     x = rng.randn(100, 10)
     y = rng.randn(100, 10) + x

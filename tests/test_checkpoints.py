@@ -1,4 +1,4 @@
-"""Checkpoints: atomic saves, safe loads, and every layout of PAPERS.md section 8."""
+"""Checkpoints: atomic saves, safe loads, and every layout the released checkpoints use (MAE, timm, DeiT, MAE-Lite, TinyMIM, Hiera)."""
 import argparse
 
 import pytest

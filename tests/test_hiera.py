@@ -1,4 +1,4 @@
-"""hiera.py and MAE on Hiera: timm's Hiera as the reference, HIERA.md's facts, checkpoints."""
+"""hiera.py and MAE on Hiera: timm's Hiera as the reference, the facts of Ryali et al. 2023 and its official code, checkpoints."""
 import functools
 
 import pytest
@@ -22,7 +22,7 @@ CONFIGS = {"tiny_q3": dict(TINY, q_pool=3), "student_q2": dict(STUDENT, q_pool=2
 
 
 def to_timm(sd):
-    """HIERA.md section 3: official norm / head.projection are timm's head.norm / head.fc."""
+    """The official checkpoints' norm / head.projection are timm's head.norm / head.fc."""
     rename = {"norm.": "head.norm.", "head.projection.": "head.fc."}
     return {next((new + k[len(old):] for old, new in rename.items() if k.startswith(old)), k): v
             for k, v in sd.items()}
@@ -81,7 +81,7 @@ def test_stage_taps_equal_timms_rerolled_intermediates(masked):
     assert taps.stages[4].shape == ((2, 2, 2, 2, 368) if masked else (2, 4, 4, 368))
 
 
-# -- architecture facts (HIERA.md sections 1-2) ------------------------------------
+# -- architecture facts (Hiera paper and official code) ------------------------------------
 
 
 def test_blocks_follow_the_official_table_including_the_one_block_lag():
@@ -224,7 +224,7 @@ def small_mae(seed=0, **kw):
 
 def test_unit_mask_keeps_the_int_U_times_one_minus_ratio_smallest_noises():
     noise = torch.rand(3, 49)
-    for ratio, n_keep in ((0.4, 29), (0.6, 19)):  # HIERA.md section 4
+    for ratio, n_keep in ((0.4, 29), (0.6, 19)):  # the official MAE-Hiera's mask-unit counts at 224 px
         keep = random_unit_mask(noise, ratio)
         assert keep.dtype == torch.bool and keep.sum(1).tolist() == [n_keep] * 3
         for b in range(3):
@@ -325,7 +325,7 @@ def test_mae_student_preset_size_and_names():
     with torch.device("meta"):
         student = create_hiera("mae_hiera_tiny")
         base = create_hiera("mae_hiera_base")
-    assert sum(p.numel() for p in student.parameters()) == 6_973_838  # HIERA.md section 2
+    assert sum(p.numel() for p in student.parameters()) == 6_973_838  # MAE-Lite IJCV's Hiera-Tiny student
     assert (student.q_pool, student.pred_stride, len(student.decoder_blocks)) == (2, 16, 1)
     assert student.decoder_blocks[0].attn.num_heads == 3 and student.decoder_embed.out_features == 96
     assert (base.decoder_embed.out_features, len(base.decoder_blocks)) == (512, 8)

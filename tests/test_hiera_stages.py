@@ -26,7 +26,7 @@ DATA = ["--input_size", str(IMG), "--num_workers", "0"]
 IMGS = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
 NOISE = torch.tensor([[0.1, 0.9, 0.8, 0.2], [0.7, 0.3, 0.6, 0.4]])  # keeps units {0, 3}, {1, 3} at 0.5
 # A small MAE-Hiera teacher: 32 wide, 6 blocks; its last block has 1 * 2^3 = 8 heads, as
-# MAE-Hiera-Base's and the student's (HIERA.md section 5).
+# MAE-Hiera-Base's and the student's (the official MAE-Hiera and MAE-Lite IJCV).
 TEACHER = dict(embed_dim=32, num_heads=1, stages=(1, 1, 2, 2), decoder_embed_dim=32, decoder_depth=1,
                decoder_num_heads=2)
 SMALL_STUDENT = dict(embed_dim=16, num_heads=1, stages=(1, 1, 2, 2))  # also 8 heads in its last block

@@ -17,7 +17,7 @@ def small_vit(**kw):
 
 
 def expected_vit_keys(D, depth, C, p, N, num_classes, pool):
-    """The names and shapes of PAPERS.md section 1, written out by hand."""
+    """The names and shapes of timm's ViT / the MAE checkpoints, written out by hand."""
     keys = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + N, D),
             "patch_embed.proj.weight": (D, C, p, p), "patch_embed.proj.bias": (D,)}
     for i in range(depth):
@@ -65,7 +65,7 @@ def test_our_vit_loads_timm_weights_strictly_and_gives_the_same_logits():
 
 
 def reference_sincos(D, G):
-    """PAPERS.md's description, element by element: token 1 + row*G + col; channels
+    """MAE's 2-D sin-cos embedding, element by element: token 1 + row*G + col; channels
     [0, D/2) from the column, [D/2, D) from the row; [sin | cos] of pos * 10000^(-j/(D/4))."""
     out = torch.zeros(1 + G * G, D, dtype=torch.float64)
     for row in range(G):
@@ -194,13 +194,13 @@ def test_drop_path_ramps_linearly_and_drops_whole_samples():
 
 
 def test_presets_and_overrides():
-    tiny = vit.vit_tiny(num_heads=12, num_classes=0)
+    tiny = vit.create_vit("vit_tiny", num_heads=12, num_classes=0)
     assert (tiny.embed_dim, tiny.depth, tiny.blocks[0].attn.num_heads) == (192, 12, 12)
-    assert vit.vit_huge(num_classes=0, img_size=28, depth=1).patch_embed.patch_size == 14
-    adaptive = vit.vit_tiny(num_classes=0, last_block_heads=6)
+    assert vit.create_vit("vit_huge", num_classes=0, img_size=28, depth=1).patch_embed.patch_size == 14
+    adaptive = vit.create_vit("vit_tiny", num_classes=0, last_block_heads=6)
     assert [b.attn.num_heads for b in adaptive.blocks][-2:] == [3, 6]
     with pytest.raises(ValueError, match="not divisible"):
-        vit.vit_tiny(img_size=30, patch_size=4)
+        vit.create_vit("vit_tiny", img_size=30, patch_size=4)
 
 
 def test_patch_embedding_bias_keeps_conv2ds_default_init_as_mae():
