@@ -474,7 +474,8 @@ def resolve_layers(args, student_depth, teacher):
             args.teacher_layer = 18 if args.method == "relation" and D == 24 else D
         needed = [args.teacher_layer]
     if not all(1 <= k <= D for k in needed):
-        raise util.CheckpointError(f"{args.teacher}: has {D} blocks, cannot give block(s) {needed}")
+        flag = "--teacher_layers" if args.method == "amd" else "--teacher_layer"
+        raise util.CheckpointError(f"{args.teacher}: has {D} blocks, cannot give block(s) {needed} ({flag})")
     if args.method in ("amd", "feature") and D in needed and teacher.last_output_untrained:
         raise util.CheckpointError(f"{args.teacher}: a relation student, whose last block was trained only "
                                    f"up to its q/k/v: its output is no target; pick --teacher_layer(s) below {D}")

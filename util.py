@@ -337,6 +337,8 @@ def check_resumed_args(args, saved, path, fixed):
     refuse with one line. Other changes (batch size, lr, epochs) are allowed and listed."""
     where = "" if args.resume else f" (found in --output_dir {args.output_dir})"
     new = plain_args(args)
+    if isinstance(saved.get("global_pool"), bool) and "cls_token" not in saved:  # finetune.py's flag
+        saved = {**saved, "cls_token": not saved["global_pool"]}  # before --cls_token (True = mean pool)
 
     def same(flag, old, now):  # paths (--teacher, --finetune) are the same when they name one file
         return old == now or (flag in ("teacher", "finetune") and bool(old) and bool(now) and
@@ -680,6 +682,13 @@ def train_one_epoch(model, loader, optimizer, epoch, args, step_fn, device, auto
     return stats
 
 
+def count_flops(fn):
+    """FLOPs of the aten ops fn() dispatches (matmuls, convolutions, attention): torch's counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -715,11 +724,11 @@ def benchmark(args, model, loader, optimizer, step_fn, device, autocast=nullcont
         batch, B = next(iter(loader)), args.batch_size
         model.train(True)
 
-        with FlopCounterMode(display=False) as counter:  # torch's count, on the eager model
+        def micro_step():
             with autocast():
                 loss = step_fn(unwrap(model), batch)[0]
             loss.backward()
-        flops = counter.get_total_flops() / B  # per image, forward + backward
+        flops = count_flops(micro_step) / B  # per image, forward + backward
         optimizer.zero_grad(set_to_none=True)
         for i in range(args.benchmark_warmup + args.benchmark):
             if i == args.benchmark_warmup:

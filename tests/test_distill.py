@@ -383,7 +383,7 @@ def bad_teacher(case, tmp_path, teacher_ckpt):
 
 @pytest.mark.parametrize("case, message", [
     ("patch size 4 for a patch-8 student", "patch size 4 does not fit the student's 8"),
-    ("layer beyond its depth", "has 12 blocks, cannot give block(s) [13]"),
+    ("layer beyond its depth", "has 12 blocks, cannot give block(s) [13] (--teacher_layer)"),
     ("unknown layout", "unknown layout"),
     ("corrupt file", "not a PyTorch checkpoint or the file is corrupt"),
 ])

@@ -269,6 +269,20 @@ def test_a_resume_names_the_flag_given_and_an_empty_value_as_not_given(cat_dog, 
                                   "--output_dir", copy, *flags))
 
 
+def test_a_fine_tuning_checkpoint_from_before_cls_token_resumes_and_keeps_its_pooling(cat_dog, tmp_path):
+    """Checkpoints written before --cls_token recorded the pooling as args['global_pool'] (True = mean)."""
+    run, _ = cat_dog
+    ckpt = load(run / "checkpoint.pth")
+    old_args = {k: v for k, v in ckpt["args"].items() if k != "cls_token"}
+    (tmp_path / "run").mkdir()
+    util.save_checkpoint(tmp_path / "run" / "checkpoint.pth", {**ckpt, "args": {**old_args, "global_pool": True}})
+    flags = ("--data_path", ckpt["args"]["data_path"], "--batch_size", "8", "--output_dir", tmp_path / "run")
+    with pytest.raises(util.ConfigError, match="was trained with --cls_token False, this run has --cls_token True"):
+        finetune.main(ft_args(*flags, "--epochs", "2", "--cls_token"))
+    finetune.main(ft_args(*flags, "--epochs", "2"))
+    assert load(tmp_path / "run" / "checkpoint.pth")["epoch"] == 1
+
+
 def test_an_interrupted_analysis_says_only_that(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["analyze.py", "x.pth"])
     old = signal.getsignal(signal.SIGTERM)
