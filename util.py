@@ -69,6 +69,8 @@ def run_main(main, parser):
     try:
         main(args)
     except BaseException as e:
+        for s in (signal.SIGTERM, signal.SIGINT):  # already ending: torchrun's SIGTERM to the
+            signal.signal(s, signal.SIG_IGN)  # other ranks must not cut their one line short
         for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open mid-epoch would
             bar.close()  # otherwise share the message's line
         from_model = isinstance(e, ValueError) and e.__traceback__ is not None and \

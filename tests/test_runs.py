@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,30 +20,17 @@ import finetune
 import hiera
 import mae_pretrain
 import util
-from conftest import ROOT, TINY_DATA, error_line, run_script, run_torchrun
-from vit import VisionTransformer, create_vit
-
-TINY = [*TINY_DATA, "--patch_size", "8", "--warmup_epochs", "0", "--blr", "1e-3"]
+from conftest import (ROOT, TINY_DATA, TINY_RUN, copy_run, error_line, load, parse, run_script,
+                      run_torchrun, wait_for)
+from vit import VisionTransformer
 
 
 def mae_args(*flags):
-    return mae_pretrain.get_args_parser().parse_args([*map(str, TINY), *map(str, flags)])
+    return parse(mae_pretrain, *flags)
 
 
 def ft_args(*flags):
-    return finetune.get_args_parser().parse_args([*map(str, TINY), *map(str, flags)])
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def wait_for(condition, proc):
-    """Wait for an event (never for a duration: a busy machine only waits longer)."""
-    deadline = time.monotonic() + 900
-    while not condition() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert condition(), "the event never came"
+    return parse(finetune, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +39,6 @@ def run_b(tmp_path_factory):
     out = tmp_path_factory.mktemp("b")
     mae_pretrain.main(mae_args("--epochs", "2", "--batch_size", "16", "--output_dir", out))
     return out
-
-
-def copy_run(src, dst):
-    dst.mkdir()
-    for name in ("checkpoint.pth", "log.txt"):
-        (dst / name).write_bytes((src / name).read_bytes())
-    return dst
 
 
 # -- one run per output folder ----------------------------------------------------------------
@@ -78,7 +57,7 @@ def test_resuming_one_run_into_a_folder_holding_another_is_refused_and_the_folde
 def test_a_second_run_in_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     util.prepare_output_dir(mae_args("--output_dir", out))  # this test's process now holds the folder
-    proc = run_script("mae_pretrain.py", *TINY, "--epochs", "1", "--output_dir", out)
+    proc = run_script("mae_pretrain.py", *TINY_RUN, "--epochs", "1", "--output_dir", out)
     assert proc.returncode == 1
     assert error_line(proc) == (f"error: --output_dir {out} is in use by another run (pid {os.getpid()}): "
                                 f"wait for it to end or choose another --output_dir")
@@ -87,13 +66,13 @@ def test_a_second_run_in_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
 
 def test_the_lock_of_a_run_killed_with_sigkill_does_not_block_the_next(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "mae_pretrain.py", *TINY, "--epochs", "50", "--batch_size", "8", "--output_dir", str(out)]
+    cmd = [sys.executable, "mae_pretrain.py", *TINY_RUN, "--epochs", "50", "--batch_size", "8", "--output_dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = out / ".lock"
     wait_for(lambda: lock.exists() and lock.read_text().strip() == str(proc.pid), proc)
     proc.kill()
     proc.wait()
-    again = run_script("mae_pretrain.py", *TINY, "--epochs", "1", "--batch_size", "16", "--output_dir", out)
+    again = run_script("mae_pretrain.py", *TINY_RUN, "--epochs", "1", "--batch_size", "16", "--output_dir", out)
     assert again.returncode == 0, again.stderr[-1000:]
     assert lock.read_text().strip() != str(proc.pid)
 
@@ -283,23 +262,45 @@ def test_a_fine_tuning_checkpoint_from_before_cls_token_resumes_and_keeps_its_po
     assert load(tmp_path / "run" / "checkpoint.pth")["epoch"] == 1
 
 
-def test_an_interrupted_analysis_says_only_that(monkeypatch, capsys):
+@pytest.fixture
+def signals():
+    """util.run_main installs its SIGTERM handler and ignores both signals while it ends: put
+    this process's handlers back afterwards."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in old.items():
+        signal.signal(s, handler)
+
+
+def test_an_interrupted_analysis_says_only_that(monkeypatch, capsys, signals):
     monkeypatch.setattr(sys, "argv", ["analyze.py", "x.pth"])
-    old = signal.getsignal(signal.SIGTERM)
 
     def interrupted(args):
         raise KeyboardInterrupt
-    try:
-        with pytest.raises(SystemExit) as e:
-            util.run_main(interrupted, analyze.get_args_parser())
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    with pytest.raises(SystemExit) as e:
+        util.run_main(interrupted, analyze.get_args_parser())
     assert e.value.code == 130 and capsys.readouterr().err == "interrupted.\n"
+
+
+def test_a_sigterm_while_a_run_ends_does_not_interrupt_its_one_line(monkeypatch, capsys, signals):
+    """torchrun sends SIGTERM to every other rank as soon as one fails: a rank already ending
+    on its own error (a lost peer, say) must still end with its one line."""
+    class Bar:  # an open progress bar: closing it is the first thing the end does
+        def close(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def lost(args):
+        raise util.UserError("a peer stopped")
+    monkeypatch.setattr(sys, "argv", ["mae_pretrain.py"])
+    monkeypatch.setattr(util.tqdm, "_instances", [Bar()], raising=False)
+    with pytest.raises(SystemExit) as e:
+        util.run_main(lost, mae_pretrain.get_args_parser())
+    assert e.value.code == 1 and capsys.readouterr().err == "error: a peer stopped\n"
 
 
 def test_sigterm_ends_a_run_like_ctrl_c_naming_the_last_good_epoch_with_status_143(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "mae_pretrain.py", *TINY, "--batch_size", "8", "--epochs", "50", "--output_dir", str(out)]
+    cmd = [sys.executable, "mae_pretrain.py", *TINY_RUN, "--batch_size", "8", "--epochs", "50", "--output_dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (out / "log.txt").exists(), proc)
     proc.send_signal(signal.SIGTERM)
@@ -318,7 +319,7 @@ def test_a_corrupt_image_on_one_rank_ends_every_rank_in_one_line_without_traceba
     sampler.set_epoch(0)
     bad = dataset.samples[next(iter(sampler))[0]][0]  # the first image rank 1 reads
     open(bad, "wb").write(b"not an image")
-    proc = run_torchrun(2, "mae_pretrain.py", *TINY, "--data_path", root, "--batch_size", "4", "--epochs", "1",
+    proc = run_torchrun(2, "mae_pretrain.py", *TINY_RUN, "--data_path", root, "--batch_size", "4", "--epochs", "1",
                         "--output_dir", tmp_path / "run")
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "terminated", "interrupted"))]
