@@ -2,7 +2,10 @@
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -15,6 +18,27 @@ TINY_DATA = ["--input_size", "32", "--synthetic_samples", "64", "--num_workers",
 # the tests that load one into timm's with strict=False check that nothing else was skipped.
 MAE_HIERA_ONLY = {"decoder_blocks", "decoder_embed", "decoder_norm", "decoder_pos_embed", "decoder_pred",
                   "encoder_norm", "mask_token", "multi_scale_fusion_heads"}
+
+# The MAE-Tiny runs the run-folder tests start and resume: no warm-up, a lr that learns fast.
+TINY_RUN = [*TINY_DATA, "--patch_size", "8", "--warmup_epochs", "0", "--blr", "1e-3"]
+
+
+def parse(stage, *flags):
+    """A stage's parsed flags for a TINY_RUN plus `flags`, as main() receives them."""
+    return stage.get_args_parser().parse_args([*map(str, TINY_RUN), *map(str, flags)])
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def copy_run(src, dst):
+    """A copy of the run folder `src` (its checkpoint and log) at `dst`."""
+    dst.mkdir()
+    for name in ("checkpoint.pth", "log.txt"):
+        if (src / name).exists():
+            (dst / name).write_bytes((src / name).read_bytes())
+    return dst
 
 
 def run_script(*args, timeout=300):
@@ -33,6 +57,14 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(condition, proc):
+    """Wait for an event (never for a duration: a busy machine only waits longer)."""
+    deadline = time.monotonic() + 900
+    while not condition() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition(), "the event never came"
 
 
 def error_line(proc):

@@ -344,7 +344,10 @@ def test_a_relation_run_resumes_strictly_with_its_frozen_parameters(runs, teache
 
 def without_key_bias(state):
     """The k third of each qkv bias gets a zero gradient in exact arithmetic (softmax ignores a
-    constant per query), so Adam turns rounding noise into lr-sized steps there: leave it out."""
+    constant per query), so Adam turns rounding noise into lr-sized steps there: leave it out.
+    Adam does the same to any weight whose gradient happens to be near zero, so a few elements
+    elsewhere may differ too (155 of 13.1 million, by up to 0.56 lr, on one install), where a
+    process group that did not average the gradients would move nearly all of them."""
     return {k: torch.cat([v.chunk(3)[0], v.chunk(3)[2]]) if k.endswith("qkv.bias") else v
             for k, v in state.items()}
 
@@ -360,7 +363,8 @@ def test_two_processes_match_one_at_the_same_global_batch(teacher_ckpt, runs, tm
             assert a[t] == pytest.approx(b[t], rel=1e-5)
     one = without_key_bias(util.load_checkpoint(runs["amd"] / "checkpoint.pth")["model"])
     got = without_key_bias(util.load_checkpoint(two / "checkpoint.pth")["model"])
-    assert max((one[k] - got[k]).abs().max().item() for k in one) < 1e-4
+    differ = sum((one[k] - got[k]).abs().gt(1e-5).sum().item() for k in one)
+    assert differ <= sum(v.numel() for v in one.values()) // 10_000  # all but a few (see above)
 
 
 # -- bad input ----------------------------------------------------------------------

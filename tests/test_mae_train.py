@@ -3,14 +3,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import mae_pretrain
 import util
-from conftest import ROOT, TINY_DATA, error_line, run_script, run_torchrun
+from conftest import ROOT, TINY_DATA, error_line, run_script, run_torchrun, wait_for
 
 # 16 patches of 8x8; the preset's 12-block tiny encoder, MAE-Lite's 1-block decoder.
 TINY = ["mae_pretrain.py", *TINY_DATA, "--patch_size", "8", "--warmup_epochs", "1", "--blr", "1e-3"]
@@ -57,10 +56,7 @@ def test_a_run_killed_at_any_point_leaves_a_loadable_checkpoint_and_continues(tm
     out = tmp_path / "run"
     cmd = [sys.executable, *TINY, "--batch_size", "8", "--epochs", "6", "--output_dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 900  # waits for an event; a busy machine only waits longer
-    while not (out / "log.txt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (out / "log.txt").exists(), "the first epoch never finished"
+    wait_for(lambda: (out / "log.txt").exists(), proc)  # the first epoch is done
     proc.send_signal(signal.SIGKILL)  # somewhere in epoch 1, or while it saves
     proc.wait()
     done = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["epoch"]
