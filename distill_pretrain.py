@@ -383,8 +383,8 @@ class FeatureDistiller(Distiller):
 
 
 # ----------------------------------------------------------------------------
-# Training: the loss of one batch (util.train_one_epoch runs it under autocast, then
-# (loss / accum_iter).backward() and, every accum_iter micro-batches, optimizer.step())
+# Training: the loss of one batch, run by util.train_one_epoch as mae_pretrain.mae_step is
+# (autocast, (loss / accum_iter).backward(), every accum_iter micro-batches optimizer.step())
 
 
 def masked_step(model, batch, *, teacher):

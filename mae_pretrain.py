@@ -188,9 +188,13 @@ def create_mae(name, **overrides):
 
 
 # ----------------------------------------------------------------------------
-# Training: the loss of one batch (util.train_one_epoch runs it under autocast, then
-# (loss / accum_iter).backward() and, every accum_iter micro-batches, optimizer.step() at
-# the cosine schedule's lr)
+# Training. mae_step is the loss of one batch; util.train_one_epoch (the same for every
+# stage) runs it as
+#     for i, batch in enumerate(loader):              # batch: (imgs, labels, noise)
+#         if i % accum_iter == 0: set every group's lr to cosine_lr(epoch + i / len(loader))
+#         with autocast(): loss, terms = mae_step(model, batch, ...)
+#         (loss / accum_iter).backward()             # DDP all-reduces on the last micro-batch
+#         if (i + 1) % accum_iter == 0: clip (--clip_grad), optimizer.step(), zero_grad()
 
 
 def mae_step(model, batch, *, mask_ratio, norm_pix):
