@@ -122,8 +122,7 @@ def write_folder(root, classes, n=2):
 def test_train_and_val_with_other_class_names_are_refused_listing_the_difference(tmp_path):
     write_folder(tmp_path / "data" / "train", ["cat", "dog"])
     write_folder(tmp_path / "data" / "val", ["bird", "cat"])
-    args = finetune.get_args_parser().parse_args(
-        [*TINY_RUN, "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run")])
+    args = parse(finetune, "--data_path", tmp_path / "data", "--output_dir", tmp_path / "run")
     with pytest.raises(util.ConfigError) as e:
         finetune.main(args)
     assert str(e.value) == ("the training and validation splits have different classes (only in "
@@ -183,8 +182,7 @@ def test_an_unusable_checkpoint_is_one_line_naming_file_and_key(tmp_path, case, 
         sd["blocks.3.attn.qkv.weight"][0, 0] = math.nan
     path = tmp_path / "bad.pth"
     torch.save({"model": sd}, path)
-    ft = finetune.get_args_parser().parse_args([*TINY_RUN, "--finetune", str(path), "--epochs", "1",
-                                                "--output_dir", str(tmp_path)])
+    ft = parse(finetune, "--finetune", path, "--epochs", "1", "--output_dir", tmp_path)
     an = analyze.get_args_parser().parse_args([str(path), *TINY_DATA, "--output_dir", str(tmp_path)])
     for stage, args in ((finetune, ft), (analyze, an)):
         with pytest.raises(util.CheckpointError) as e:
