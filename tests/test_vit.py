@@ -1,11 +1,16 @@
 """vit.py: timm's names and numerics, MAE's sin-cos embedding, the public taps."""
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vit
+from conftest import ROOT
 from vit import VisionTransformer, interpolate_pos_embed, sincos_pos_embed
 
 CFG = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
@@ -117,6 +122,26 @@ def test_encode_taps_give_block_outputs_norm1_and_final_norm():
         assert torch.allclose(taps.norm1[2], model.blocks[1].norm1(taps.layers[1]))
         assert torch.allclose(taps.x, model.norm(taps.layers[3]))
         assert torch.allclose(taps.x, model.forward_features(x))
+
+
+def test_the_blocks_run_as_a_plain_sequential_like_the_encoder():
+    model = small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1), model.embed(x)], 1)
+        assert torch.equal(torch.nn.Sequential(*model.blocks)(tokens),
+                           model.encode(model.embed(x), layers=(3,)).layers[3])
+
+
+def test_the_model_files_work_copied_alone_into_another_project(tmp_path):
+    for name in ("vit.py", "hiera.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    code = ("import torch, vit, hiera\n"
+            "print(tuple(vit.create_vit('vit_tiny', img_size=32, patch_size=8)(torch.zeros(1, 3, 32, 32)).shape),"
+            " tuple(hiera.create_hiera('hiera_lite_tiny', img_size=64)(torch.zeros(1, 3, 64, 64)).shape))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the folder, torch and einops
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.stdout.strip() == "(1, 1000) (1, 1000)", proc.stderr[-2000:]
 
 
 def test_attention_taps_are_softmax_of_logits_and_leave_the_output_unchanged():
