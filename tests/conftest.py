@@ -36,8 +36,7 @@ def copy_run(src, dst):
     """A copy of the run folder `src` (its checkpoint and log) at `dst`."""
     dst.mkdir()
     for name in ("checkpoint.pth", "log.txt"):
-        if (src / name).exists():
-            (dst / name).write_bytes((src / name).read_bytes())
+        (dst / name).write_bytes((src / name).read_bytes())
     return dst
 
 
