@@ -261,7 +261,7 @@ def analysis_loader(args):
     try:
         ds, _ = data.build_dataset(args, train=False, transform=transform)
         split = "val"
-    except util.ConfigError as e:
+    except data.DataError as e:
         ds, _ = data.build_dataset(args, train=True, transform=transform)
         split = "train"
         print0(f"no val split ({e}): using the train split")
@@ -347,6 +347,10 @@ def plot_attention(path, stats, names):
     plt.close(fig)
 
 
+# What an analysis writes in --output_dir (and a new analysis there replaces).
+OUTPUTS = ("cka_*_vs_*.npy", "cka.png", "attention_*.npy", "attention.json", "attention.png", "reconstructions_*.png")
+
+
 def build_model(path, obj, args, model_name, heads):
     """The encoder of checkpoint `path` (architecture from its weights), loaded and checked."""
     family = checkpoints.family(checkpoints.read_state_dict(obj, path))
@@ -425,8 +429,39 @@ def save_reconstructions(path, name, cfg, args, out, device):
     parts = reconstruct(mae, imgs, ratio)
     unit = "of the 32-px mask units" if is_hiera else "of the patches"
     targets = "norm-pix predictions de-normalized per patch" if norm_pix else "pixel targets"
-    save_reconstruction_figure(out, imgs, *parts, title=f"{name}: {ratio:g} {unit} removed, {targets}")
+    util.write_atomic(out, lambda f: save_reconstruction_figure(f, imgs, *parts, title=f"{name}: {ratio:g} {unit} "
+                                                                                    f"removed, {targets}"))
     print0(f"saved {out}")
+
+
+def data_scale(folder, out):
+    """MAE-Lite's data-scale study from its runs' log.txt files, <folder>/<student>_<images per
+    class>_s<seed>/log.txt (docs/data_scale.sh): each run's last top-1, a table of the mean and
+    range over seeds per student and size, and data_scale.png (top-1 against labelled images
+    per class on a log axis, a line per student, the seeds' range as a band)."""
+    runs = {}
+    for log in sorted(Path(folder).glob("*_*_s*/log.txt")):
+        student, n, _ = re.fullmatch(r"(.+)_(\d+)_s(\d+)", log.parent.name).groups()
+        last = json.loads(log.read_text().splitlines()[-1])
+        if "test_acc1" in last:
+            runs.setdefault(student, {}).setdefault(int(n), []).append(last["test_acc1"])
+    if not runs:
+        raise util.ConfigError(f"--data_scale {folder}: no <student>_<n>_s<seed>/log.txt with an evaluation")
+    sizes = sorted({n for r in runs.values() for n in r})
+    print0("| student | " + " | ".join(f"{n} per class" for n in sizes) + " |\n|---" + "|---" * len(sizes) + "|")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
+    for student, r in sorted(runs.items(), key=lambda kv: np.mean(kv[1][min(kv[1])])):
+        print0(f"| {student} | " + " | ".join(f"{np.mean(r[n]):.2f} ({min(r[n]):.2f}-{max(r[n]):.2f}, {len(r[n])} "
+                                              f"seeds)" if n in r else "-" for n in sizes) + " |")
+        n = sorted(r)
+        line, = ax.plot(n, [np.mean(r[k]) for k in n], "-o", ms=3, label=student)
+        ax.fill_between(n, [min(r[k]) for k in n], [max(r[k]) for k in n], color=line.get_color(), alpha=0.2, lw=0)
+    ax.set(xscale="log", xlabel="labelled images per class", ylabel="top-1 (%), mean and range over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(Path(out) / "data_scale.png", dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------
@@ -436,11 +471,12 @@ def save_reconstructions(path, name, cfg, args, out, device):
 def get_args_parser():
     p = argparse.ArgumentParser("Layer CKA, attention distance/entropy and MAE reconstructions",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="one or more checkpoints in any layout checkpoints.py reads "
+    p.add_argument("checkpoints", nargs="*", help="one or more checkpoints in any layout checkpoints.py reads "
                    "(this project's, official MAE, timm, DeiT, MAE-Lite, TinyMIM, Hiera, Hugging Face, ...)")
     p.add_argument("--names", nargs="+", default=None,
                    help="labels for the figures and file names (default: the file names)")
     p.add_argument("--output_dir", default="runs/analysis")
+    p.add_argument("--data_scale", metavar="FOLDER", help="instead: tabulate and plot a data-scale study's runs")
     g = p.add_argument_group("model (inferred from each checkpoint's weights unless given; "
                              "one value for all checkpoints or one per checkpoint)")
     g.add_argument("--model", nargs="+", default=None, choices=list(VIT_PRESETS),
@@ -471,6 +507,10 @@ def get_args_parser():
 
 
 def main(args):
+    if args.data_scale or not args.checkpoints:
+        if not args.data_scale:
+            raise util.ConfigError("give one or more checkpoints to analyse (or --data_scale FOLDER)")
+        return data_scale(args.data_scale, util.prepare_output_dir(args, run=False))
     util.check_ranges(args, {k: util.FLAG_RANGES[k] for k in (
         "mask_ratio", "input_size", "patch_size", "synthetic_samples", "num_workers")})
     for flag in ("batch_size", "num_images"):
@@ -516,6 +556,11 @@ def main(args):
         for i, j in pairs:
             cka[i, j].update_grams(grams[i], grams[j])
 
+    earlier = [f for pattern in OUTPUTS for f in out.glob(pattern)]
+    if earlier:  # none of them left beside the new ones: a figure of a model not analysed now
+        print0(f"{out}: replacing the {len(earlier)} files of an earlier analysis")
+        for f in earlier:
+            f.unlink()
     results = {pair: acc.compute().numpy() for pair, acc in cka.items()}
     for (i, j), m in results.items():
         np.save(out / f"cka_{labels[i]}_vs_{labels[j]}.npy", m)

@@ -20,19 +20,41 @@ compute otherwise is refused: a mean-pooled or linear-probe head, TinyMIM's adap
 relative position bias tables, a D²-MAE decoder (block 8).
 """
 import argparse
+import errno
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import util
 from hiera import PATCH_STRIDE, Hiera
-from util import CheckpointError, ConfigError, print0
 from vit import VIT_PRESETS, VisionTransformer, interpolate_pos_embed
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model (one line for the user)."""
+
+
+def disk_error(e, folder="."):
+    """Why a write failed, in words: 'no space left on the device' when that is the cause
+    (torch's writer says only 'unexpected pos', with no errno: then the disk is looked at)."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or \
+        isinstance(e, RuntimeError) and os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20
+    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
+    return "no space left on the device" if full else why
+
+
+def print0(*args):
+    """print on rank 0 of a torchrun job only (this file imports nothing of the project's)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, flush=True)
+
 
 # ----------------------------------------------------------------------------
 # Reading a file and its state_dict
@@ -60,7 +82,51 @@ def load(path):
             return load_file(str(path))
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    return util.load_checkpoint(path)
+    return load_checkpoint(path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (a checkpoint from the internet cannot run code), one
+    line for a missing, corrupt or code-carrying file. argparse.Namespace is allow-listed
+    because MAE's own training checkpoints store one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {'is a folder: give the checkpoint file in it' if path.is_dir() else 'no such file'}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        # torch names the Python object the pickle asks for: "Unsupported global: GLOBAL x.y"
+        # (a class) or "unsupported GLOBAL posix.system whose module posix is blocked".
+        blocked = re.search(r"GLOBAL\s+([\w.]+)", text)
+        if blocked:
+            raise CheckpointError(f"{path}: holds Python objects other than tensors ({blocked.group(1)}): "
+                                  f"unpickling it would run code, so it was refused (load it with "
+                                  f"weights_only=False only if you trust its source)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        detail = detail.group(1).strip() if detail else (text.strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint or the file is corrupt "
+                              f"({type(e).__name__}: {detail[:200]})") from None
+
+
+def first_non_finite(named_tensors):
+    """Name of the first floating tensor holding NaN / inf, or values so large (|w| > 1.8e19)
+    that their squares overflow float32 (a LayerNorm or an MSE over them gives inf; `--lr
+    1e37` leaves such weights after one step). None when all are fine."""
+    for k, v in named_tensors:
+        if v.is_floating_point() and not torch.isfinite(v.detach().float().square()).all():
+            return k
+    return None
+
+
+def fingerprint(state_dict):
+    """A short hash of the names, shapes and values of the tensors: other weights, another one."""
+    h = hashlib.blake2b(digest_size=8)
+    for k, v in sorted(state_dict.items()):
+        h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def read_state_dict(obj, name):
@@ -292,6 +358,9 @@ def build_encoder(obj, name, img_size, heads=None, preset=None, hiera_q_pool=2, 
                                   f"{VIT_PRESETS[preset][mismatch]}" if mismatch else f"a Hiera, not the ViT {preset}"))
         if cfg["heads_inferred"]:
             cfg["num_heads"], how = VIT_PRESETS[preset]["num_heads"], preset
+    if heads and not cfg["heads_inferred"] and heads != cfg["num_heads"]:
+        raise CheckpointError(f"{name}: the file records {cfg['num_heads']} heads, the head count given is {heads}: "
+                              f"its attention would be split otherwise (leave the head count out)")
     if heads:
         cfg["num_heads"], how = heads, "given"
     if cfg["family"] == "Hiera":
@@ -470,13 +539,13 @@ def export(path, out_dir, kind="auto", num_heads=None, norm_pix_loss=None, mask_
     record, run = recorded(obj), recorded(obj, "args")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: {'is a file' if not out.is_dir() else 'already holds files'}; "
-                          f"give a new or empty output folder")
+        raise CheckpointError(f"{out}: {'is a file' if not out.is_dir() else 'already holds files'}; "
+                              f"give a new or empty output folder")
     if mask_ratio is not None and not (math.isfinite(mask_ratio) and 0 <= mask_ratio < 1):
-        raise ConfigError(f"--mask_ratio must lie in [0, 1), got {mask_ratio}")
+        raise CheckpointError(f"--mask_ratio must lie in [0, 1), got {mask_ratio}")
     if arch["family"] != "ViT":
         raise CheckpointError(f"{path}: a Hiera; transformers' ViT / ViTMAE cannot hold it")
-    bad = util.first_non_finite(sd.items())
+    bad = first_non_finite(sd.items())
     if bad:
         raise CheckpointError(f"{path}: {bad} holds NaN or infinite values; not exported")
     if kind == "auto":
@@ -522,18 +591,29 @@ def export(path, out_dir, kind="auto", num_heads=None, norm_pix_loss=None, mask_
     skipped = sorted({k.split(".")[0] for k in sd if not k.startswith(keep)} | set(left))
     config = hf_config(kind, arch, num_classes=arch["num_classes"])
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    try:
-        from safetensors.torch import save_file  # installed with timm and transformers
-        weights = out / "model.safetensors"
-        save_file(tensors, str(weights), metadata={"format": "pt"})  # transformers checks 'format'
-    except ImportError:
-        weights = out / "pytorch_model.bin"
-        torch.save(tensors, weights)
+    # Written into a temp folder beside `out`, renamed when complete: a failed export (a full
+    # disk) leaves no config.json without weights. The files get the umask's permissions.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; the umask's, as config.json
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        try:
+            from safetensors.torch import save_file  # installed with timm and transformers
+            weights = "model.safetensors"
+            save_file(tensors, str(tmp / weights), metadata={"format": "pt"})  # transformers checks 'format'
+        except ImportError:
+            weights = "pytorch_model.bin"
+            torch.save(tensors, tmp / weights)
+        os.chmod(tmp / weights, 0o666 & ~umask)  # safetensors writes 0600
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write {out} ({disk_error(e, out.parent)}); nothing was exported") from None
+    weights = out / weights
     print0(f"wrote {KINDS[kind][1]}: {len(tensors)} tensors to {weights}, config.json "
            f"({config['hidden_size']} wide, {config['num_hidden_layers']} blocks, "
            f"{config['num_attention_heads']} heads, patch {config['patch_size']}, {config['image_size']} px)")
@@ -557,10 +637,11 @@ def get_args_parser():
     return p
 
 
-def main(args):
-    util.check_ranges(args, {"num_heads": util.AT_LEAST_1})
-    export(args.checkpoint, args.output_dir, args.kind, args.num_heads, args.norm_pix_loss, args.mask_ratio)
-
-
 if __name__ == "__main__":
-    util.run_main(main, get_args_parser())
+    args = get_args_parser().parse_args()
+    try:
+        if args.num_heads is not None and args.num_heads < 1:
+            raise CheckpointError(f"--num_heads must be at least 1, got {args.num_heads}")
+        export(args.checkpoint, args.output_dir, args.kind, args.num_heads, args.norm_pix_loss, args.mask_ratio)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")

@@ -1,13 +1,13 @@
 """The data pipeline: ImageFolder, CIFAR, MAE-Lite's downstream sets or built-in synthetic shapes.
 Every training sample is augmented under an RNG seeded by (seed, epoch, index), and its mask
 noise comes from the same seed: the same batches on any number of processes or workers, and an
-exact resume. Workers decode, crop and flip and send uint8; the device normalises (or, with
---gpu_decode, decodes JPEG bytes itself). A corrupt image stops the run naming the file.
+exact resume. Workers decode, crop and flip and send uint8; the device normalises. A corrupt
+image stops the run naming the file. Imports torch, torchvision and PIL only: copy it alone.
 """
+import hashlib
 import importlib.util
 import math
 import os
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -15,9 +15,24 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from util import ConfigError, print0, stable_seed
-
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given (one line for the user; this file imports nothing of
+    the project's, so it can be copied alone)."""
+
+
+def print0(*args):
+    """print on rank 0 of a torchrun job only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, flush=True)
+
+
+def stable_seed(*parts):
+    """A 63-bit seed from a tuple of ints/strings, the same on every machine and run."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class SyntheticShapes(Dataset):
@@ -113,28 +128,31 @@ def build_dataset(args, train, transform=None):
         name = "imagefolder" if args.data_path else "synthetic"
     if name == "synthetic":
         if args.data_path:
-            raise ConfigError(f"--dataset synthetic makes its own images: --data_path {args.data_path} "
-                              f"would be ignored (leave one of the two out)")
+            raise DataError(f"--dataset synthetic makes its own images: --data_path {args.data_path} "
+                            f"would be ignored (leave one of the two out)")
         seed = args.seed if train else args.seed + 1
         n = args.synthetic_samples if train else max(args.synthetic_samples // 4, 8)
         ds = SyntheticShapes(n, args.input_size, seed, "train" if train else "val", transform)
         return ds, list(ds.classes)
     if name == "imagefolder":
         if not args.data_path:
-            raise ConfigError("--dataset imagefolder needs --data_path")
+            raise DataError("--dataset imagefolder needs --data_path")
         root = Path(args.data_path) / ("train" if train else "val")
         if not Path(args.data_path).is_dir():
-            raise ConfigError(f"--data_path {args.data_path}: no such directory")
+            raise DataError(f"--data_path {args.data_path}: no such directory")
         if not root.is_dir():
-            raise ConfigError(f"--data_path {args.data_path}: no {root.name}/ folder (expected the "
-                              f"ImageNet layout: {root.name}/<class>/<image>)")
+            raise DataError(f"--data_path {args.data_path}: no {root.name}/ folder (expected the "
+                            f"ImageNet layout: {root.name}/<class>/<image>)")
         try:
             ds = image_folder(str(root), transform, open_image)
         except (OSError, RuntimeError) as e:  # empty, no class folders, unreadable
-            raise ConfigError(f"--data_path {root}: {e}") from None
+            raise DataError(f"--data_path {root}: {e}") from None
         if ds.skipped_links:
             print0(f"--data_path {root}: skipped {len(ds.skipped_links)} symlinked folder(s) whose "
                    f"images were already listed (a link loop?), first {ds.skipped_links[0]}")
+        if ds.not_images:
+            print0(f"--data_path {root}: skipped {len(ds.not_images)} file(s) whose extension is not an "
+                   f"image's, first {ds.not_images[0]}")
         return ds, ds.classes
     if name in ("cifar10", "cifar100"):
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -142,15 +160,15 @@ def build_dataset(args, train, transform=None):
         try:
             ds = cls(root, train=train, transform=transform, download=args.download)
         except RuntimeError as e:
-            raise ConfigError(f"--dataset {name} under {root}: {e} (add --download to fetch it)") from None
+            raise DataError(f"--dataset {name} under {root}: {e} (add --download to fetch it)") from None
         return ds, list(ds.classes)
     if name in DOWNSTREAM:
         cls_name, train_splits, test_split, needs_scipy = DOWNSTREAM[name]
         cls = getattr(datasets, cls_name)
         root = args.data_path or "./data"
         if needs_scipy and importlib.util.find_spec("scipy") is None:
-            raise ConfigError(f"--dataset {name} needs scipy (torchvision reads its labels from "
-                              f".mat files): python -m pip install scipy")
+            raise DataError(f"--dataset {name} needs scipy (torchvision reads its labels from "
+                            f".mat files): python -m pip install scipy")
         hint = (" (add --download to fetch it)" if name != "cars" else
                 f"; torchvision can no longer download Stanford Cars (its URL is gone): place it "
                 f"under {root}/stanford_cars (devkit/, cars_train/, cars_test/, "
@@ -160,12 +178,12 @@ def build_dataset(args, train, transform=None):
                      for s in (train_splits if train else (test_split,))]
         except (RuntimeError, ValueError) as e:  # not found / StanfordCars' download refused
             detail = str(e).split(" You can use download=True")[0].rstrip(".")
-            raise ConfigError(f"--dataset {name} under {root}: {detail}"
-                              f"{hint if name == 'cars' or not args.download else ''}") from None
+            raise DataError(f"--dataset {name} under {root}: {detail}"
+                            f"{hint if name == 'cars' or not args.download else ''}") from None
         ds = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
         return ds, list(parts[0].classes)
-    raise ConfigError(f"unknown --dataset {name!r}; choose from auto, imagefolder, synthetic, "
-                      f"cifar10, cifar100, {', '.join(DOWNSTREAM)}")
+    raise DataError(f"unknown --dataset {name!r}; choose from auto, imagefolder, synthetic, "
+                    f"cifar10, cifar100, {', '.join(DOWNSTREAM)}")
 
 
 # Downstream classification sets (MAE-Lite's transfer study): torchvision class, the
@@ -184,11 +202,19 @@ def list_images_once(directory, class_to_idx, is_valid):
     """ImageFolder's listing (sorted folders, sorted names, symlinks followed: a subset can
     be a folder of links) that enters each real folder once, and never the split's root or
     another class's folder from inside a class. A link back up the tree would list the same
-    images again and again: one `train/cat/loop -> ..` made 40 images 1640.
-    Returns (samples [(path, class index)], the symlinked folders skipped)."""
+    images again and again: one `train/cat/loop -> ..` made 40 images 1640. Two class folders
+    that are one real folder (`train/c -> a`) would give its images two labels: refused.
+    Returns (samples [(path, class index)], the symlinked folders skipped, the files skipped
+    as not images)."""
     real = os.path.realpath
-    seen = {real(directory)} | {real(os.path.join(directory, c)) for c in class_to_idx}
-    samples, skipped = [], []
+    folders = {}
+    for c in sorted(class_to_idx):
+        other = folders.setdefault(real(os.path.join(directory, c)), c)
+        if other != c:
+            raise DataError(f"{directory}: the class folders {other!r} and {c!r} are the same folder "
+                            f"({real(os.path.join(directory, c))}): its images would get two labels")
+    seen = {real(directory)} | set(folders)
+    samples, skipped, not_images = [], [], []
     for cls in sorted(class_to_idx):
         walk = []
         for root, dirs, files in os.walk(os.path.join(directory, cls), followlinks=True):
@@ -199,9 +225,10 @@ def list_images_once(directory, class_to_idx, is_valid):
                     dirs.remove(d)  # not entered: its images are listed elsewhere
                 seen.add(real(os.path.join(root, d)))
         for root, files in sorted(walk):
-            samples += [(os.path.join(root, f), class_to_idx[cls]) for f in sorted(files)
-                        if is_valid(os.path.join(root, f))]
-    return samples, skipped
+            paths = [os.path.join(root, f) for f in sorted(files)]
+            samples += [(p, class_to_idx[cls]) for p in paths if is_valid(p)]
+            not_images += [p for p in paths if not is_valid(p)]
+    return samples, skipped, not_images
 
 
 def image_folder(root, transform, loader):
@@ -212,7 +239,7 @@ def image_folder(root, transform, loader):
     class ImageFolder(datasets.ImageFolder):
         def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
                          allow_empty=False):
-            samples, self.skipped_links = list_images_once(
+            samples, self.skipped_links, self.not_images = list_images_once(
                 directory, class_to_idx,
                 is_valid_file or (lambda f: has_file_allowed_extension(f, extensions or IMG_EXTENSIONS)))
             found = {t for _, t in samples}
@@ -224,7 +251,7 @@ def image_folder(root, transform, loader):
     return ImageFolder(root, transform=transform, loader=loader)
 
 
-class CorruptImageError(ConfigError):
+class CorruptImageError(DataError):
     """An image file that cannot be decoded. A DataLoader worker's exception is re-raised
     in the main process with the worker's whole traceback as its message: keep only our
     own line, so the run still ends with one line naming the file."""
@@ -257,6 +284,9 @@ def decode_rgb(img, min_size=None):
     skips the finer DCT coefficients: a 1/2-scale decode costs about a third). Returns
     (image, (sx, sy)): original pixels per decoded pixel."""
     size = img.size
+    if img.mode in ("I", "F"):  # PIL's RGB conversion clips these at 255: all white or black
+        raise CorruptImageError(f"{getattr(img, 'filename', '') or 'an image'}: 32-bit {'integer' if img.mode == 'I' else 'float'} "
+                                f"pixels (PIL mode {img.mode}) have no fixed range to scale to 8 bits; save it with 8 or 16 bits")
     try:
         if min_size is not None and getattr(img, "format", None) == "JPEG":
             img.draft("RGB", (max(1, math.ceil(min_size[0])), max(1, math.ceil(min_size[1]))))
@@ -270,50 +300,29 @@ def decode_rgb(img, min_size=None):
     return rgb, (size[0] / rgb.size[0], size[1] / rgb.size[1])
 
 
-def crop_box(width, height, scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (left, top, w, h) for a width x height image, drawn from
-    torch's global RNG (seeded per sample by SeededSamples): an area fraction in `scale`,
-    a log-uniform aspect ratio in `ratio`, 10 tries, then the central crop that fits."""
-    area = width * height
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(*scale).item()
-        aspect = math.exp(torch.empty(1).uniform_(*log_ratio.tolist()).item())
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, size=(1,)).item()
-            left = torch.randint(0, width - w + 1, size=(1,)).item()
-            return left, top, w, h
-    w, h = width, height  # fallback: the central crop, clipped to the ratio range
-    if width / height < ratio[0]:
-        h = int(round(width / ratio[0]))
-    elif width / height > ratio[1]:
-        w = int(round(height * ratio[1]))
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
 class DecodeCropFlip:
     """RandomResizedCrop + horizontal flip as one step on a lazily opened image -> uint8
     (3, size, size). The box is drawn from the header's size before any pixel is decoded, so
     a JPEG whose crop is at least twice the output is decoded at 1/2, 1/4 or 1/8 scale; the
     crop is resized by torch's antialiased bicubic (Keys a = -0.75; PIL's a = -0.5), 3.4x
-    faster than PIL's. Every path (this, `crop` for RandAugment, the GPU decode's
-    EncodeCropFlip) draws torch's RNG in the same order: the same boxes."""
+    faster than PIL's. Both paths (this, `crop` for RandAugment) draw the same boxes."""
 
     def __init__(self, size, scale=(0.08, 1.0), flip=True):
         self.size, self.scale, self.flip = size, scale, flip
 
-    def params(self, width, height):
-        """(box (left, top, w, h), flip?) for an image of this size; consumes the RNG."""
-        box = crop_box(width, height, self.scale)
-        return box, self.flip and torch.rand(1).item() < 0.5
+    def params(self, img):
+        """(box (left, top, w, h), flip?) from the header's size, torch's RNG: torchvision's
+        RandomResizedCrop.get_params (aspect 3/4..4/3, 10 tries, then the central crop)."""
+        from torchvision.transforms import RandomResizedCrop
+        top, left, h, w = RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))
+        return (left, top, w, h), self.flip and torch.rand(1).item() < 0.5
 
     def decode(self, img):
         """-> (box, flip, decoded RGB image, its box in decoded pixels (l, t, r, b) floats)."""
         from PIL import Image
         if torch.is_tensor(img):  # an already-decoded image (C, H, W)
             img = Image.fromarray(img.permute(1, 2, 0).numpy())
-        (left, top, w, h), flip = self.params(*img.size)
+        (left, top, w, h), flip = self.params(img)
         rgb, (sx, sy) = decode_rgb(img, (img.size[0] * self.size / w, img.size[1] * self.size / h))
         return flip, rgb, (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
 
@@ -412,62 +421,10 @@ def sample_noise(seed, n):
     return torch.rand(n, generator=torch.Generator().manual_seed(int(seed) ^ 0x5DEECE66D))
 
 
-@dataclass
-class EncodedCrop:
-    """What a worker sends for --gpu_decode: the file's JPEG bytes (1-D uint8) or, for a
-    file that is not a JPEG, its decoded pixels (3, H, W) uint8; the crop box (left, top,
-    w, h) in the full image; the flip; the output size."""
-    data: torch.Tensor
-    box: tuple
-    flip: bool
-    size: int
-
-
-class EncodeCropFlip(DecodeCropFlip):
-    """DecodeCropFlip for --gpu_decode: draws the same box and flip from the same RNG, but
-    leaves decoding, cropping and resizing to `decode_crops` on the device."""
-
-    def __call__(self, img):
-        box, flip = self.params(*img.size)
-        path = getattr(img, "filename", "")
-        if path and img.format == "JPEG":
-            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-            img.close()
-        else:  # CIFAR, the synthetic data, a PNG: already in memory or not a JPEG
-            data = pil_to_uint8(decode_rgb(img)[0])
-        return EncodedCrop(data, box, flip, self.size)
-
-
-def decode_crops(crops, device):
-    """[EncodedCrop] -> uint8 (B, 3, size, size) on `device`: nvJPEG decodes the batch on a
-    GPU (torchvision.io.decode_jpeg), then each crop is resized (bicubic, antialiased) and
-    flipped there. The same code runs with device='cpu' (libjpeg), which the tests use."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    jpegs = [c.data for c in crops if c.data.ndim == 1]
-    decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else ())
-    out = []
-    for c in crops:
-        img = next(decoded) if c.data.ndim == 1 else c.data.to(device, non_blocking=True)
-        left, top, w, h = c.box
-        x = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(c.size, c.size),
-                          mode="bicubic", antialias=True, align_corners=False)
-        out.append(x.flip(-1) if c.flip else x)
-    return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def collate(samples):
-    """Stack (img, label, noise) samples; --gpu_decode's EncodedCrops stay a list."""
-    imgs, labels, noise = zip(*samples)
-    imgs = list(imgs) if isinstance(imgs[0], EncodedCrop) else torch.stack(imgs)
-    return imgs, torch.as_tensor(labels), torch.stack(noise)
-
-
 def to_device(batch, device):
     """A loader's batch -> (images normalised on the device, labels, noise). Pinned host
     memory makes the copies asynchronous: nothing here waits for the GPU."""
     imgs, labels, noise = batch
-    if isinstance(imgs, list):
-        imgs = decode_crops(imgs, device)
     imgs = normalize(imgs.to(device, non_blocking=True))
     return imgs, labels.to(device, non_blocking=True), noise.to(device, non_blocking=True)
 
@@ -491,12 +448,12 @@ def build_train_loader(dataset, args, dinfo, noise=0):
     sampler = EpochSampler(dataset, num_replicas=dinfo.world_size, rank=dinfo.rank,
                            shuffle=True, seed=args.seed)
     if len(sampler) < args.batch_size * args.accum_iter:
-        raise ConfigError(f"the training set has {len(dataset)} images: fewer than one optimizer "
-                          f"step (--batch_size {args.batch_size} x --accum_iter {args.accum_iter} "
-                          f"x {dinfo.world_size} processes)")
+        raise DataError(f"the training set has {len(dataset)} images: fewer than one optimizer "
+                        f"step (--batch_size {args.batch_size} x --accum_iter {args.accum_iter} "
+                        f"x {dinfo.world_size} processes)")
     return DeviceLoader(DataLoader(SeededSamples(dataset, args.seed, noise), batch_size=args.batch_size,
                                    sampler=sampler, num_workers=args.num_workers, drop_last=True,
-                                   collate_fn=collate, pin_memory=dinfo.device.type == "cuda",
+                                   pin_memory=dinfo.device.type == "cuda",
                                    persistent_workers=args.num_workers > 0), dinfo.device)
 
 
@@ -504,7 +461,7 @@ def eval_images(args, n=8):
     """n un-augmented images (the val split, else the train split) for figures, normalised."""
     try:
         ds, _ = build_dataset(args, train=False, transform=eval_transform(args.input_size))
-    except ConfigError:
+    except DataError:
         ds, _ = build_dataset(args, train=True, transform=eval_transform(args.input_size))
     idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().tolist()
     return normalize(torch.stack([ds[i][0] for i in idx]))
@@ -514,7 +471,7 @@ def eval_images(args, n=8):
 # Flags
 
 
-def add_data_args(parser, gpu_decode=False):
+def add_data_args(parser):
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/ "
                    "(ImageNet layout), or where CIFAR is stored; empty: the built-in synthetic data")
@@ -527,21 +484,4 @@ def add_data_args(parser, gpu_decode=False):
     g.add_argument("--synthetic_samples", type=int, default=2048,
                    help="training images of the synthetic dataset (val: a quarter)")
     g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
-    if gpu_decode:  # the stages whose augmentation is MAE's crop + flip alone
-        g.add_argument("--gpu_decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG): "
-                       "workers send file bytes and crop boxes, the GPU decodes, crops and resizes")
     return g
-
-
-def data_transform(args, transform):
-    """The workers' transform: `transform` (a DecodeCropFlip), or with --gpu_decode the one
-    that leaves decoding to the GPU."""
-    if not getattr(args, "gpu_decode", False):
-        return transform
-    if not torch.cuda.is_available():
-        raise ConfigError("--gpu_decode needs a CUDA device (nvJPEG); without one, leave it out")
-    if type(transform) is not DecodeCropFlip:
-        raise ConfigError("--gpu_decode serves the crop + flip pipeline of MAE pre-training and "
-                          "the masked distillation methods; this stage augments on the CPU")
-    return EncodeCropFlip(transform.size, transform.scale, transform.flip)
-

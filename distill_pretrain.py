@@ -596,13 +596,14 @@ def get_args_parser():
     g.add_argument("--distill_weight", type=float, default=1.0,
                    help="weight of the distillation loss added to the pixel loss (attn, amd, d2)")
     util.add_optim_args(p, batch_size=64, epochs=None, warmup_epochs=None, blr=1.5e-4, weight_decay=0.05)
-    data.add_data_args(p, gpu_decode=True)
+    data.add_data_args(p)
     util.add_run_args(p, output_dir="runs/distill")
     return p
 
 
 # What a resumed run must keep: the student, the teacher and what the method reads of them.
-FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "method", "teacher", "teacher_model", "teacher_num_heads",
+# The teacher is checked by its weights (a fingerprint), not its path, which may change.
+FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "method", "teacher_model", "teacher_num_heads",
                    "teacher_layer", "student_layers", "teacher_layers", "decoder_embed_dim",
                    "decoder_depth", "decoder_num_heads", "norm_pix_loss", "mask_ratio",
                    "teacher_mask_ratio", "decode_layer", "distill_weight")
@@ -654,16 +655,17 @@ def check_args(args):
 
 def main(args):
     noise = check_args(args)
-    dinfo = util.init_distributed(args.device)
+    dinfo = util.init_distributed(args.device, args.dist_timeout)
     device = dinfo.device
     util.prepare_output_dir(args)
     two_views = args.method in ("relation", "feature")
     transform = (TwoViews(args.input_size, args.min_crop_scale, args.color_jitter) if two_views
                  else data.pretrain_transform(args.input_size, args.min_crop_scale))
-    dataset, _ = data.build_dataset(args, train=True, transform=data.data_transform(args, transform))
+    dataset, _ = data.build_dataset(args, train=True, transform=transform)
     loader = data.build_train_loader(dataset, args, dinfo, noise=noise)
 
     teacher = build_teacher(args, student_patch(args), device)  # a teacher that does not fit stops here
+    teacher_id = checkpoints.fingerprint(teacher.state_dict())
     student_depth = sum(hiera.MAE_HIERA_PRESETS[args.model]["stages"]) if args.model in hiera.MAE_HIERA_PRESETS \
         else VIT_PRESETS[args.model]["depth"]
     resolve_layers(args, student_depth, teacher)
@@ -677,13 +679,17 @@ def main(args):
            + (f" <- student block(s) {args.student_layers}" if args.method == "amd" else "")
            + (f" <- attention-only block {student_depth + 1}; pixels decoded from block {args.decode_layer}"
               if args.method == "d2" else ""))
-    print0(f"{len(dataset)} training images, {len(loader) // args.accum_iter} steps per epoch")
+    util.announce(args, len(dataset), len(loader) // args.accum_iter)
 
     util.effective_lr(args, dinfo.world_size)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
     autocast, scaler = util.amp_setup(args.precision, device)
     cast_for_autocast(teacher, autocast)
-    start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
+    start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
+    if ckpt is not None and ckpt.get("teacher_fingerprint", teacher_id) != teacher_id:
+        raise util.ConfigError(f"--teacher {args.teacher} is not the teacher this run was distilled from (other "
+                               f"weights: fingerprint {teacher_id}, the run's {ckpt['teacher_fingerprint']}): resume "
+                               f"with that teacher, or start a new run in another --output_dir")
     net = util.wrap_model(model, dinfo, args)  # the teacher stays outside DDP: an argument of forward
     step = partial(two_view_step if two_views else masked_step, teacher=teacher)
     if util.benchmark(args, net, loader, optimizer, step, device, autocast, scaler):
@@ -691,7 +697,7 @@ def main(args):
 
     for epoch in range(start_epoch, args.epochs):
         stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
-        util.end_epoch(args, model, optimizer, scaler, epoch, stats)
+        util.end_epoch(args, model, optimizer, scaler, epoch, stats, extra={"teacher_fingerprint": teacher_id})
 
 
 if __name__ == "__main__":

@@ -35,15 +35,13 @@ Where this differs from the official code (facebookresearch/mae with timm 0.3.2)
 - Evaluation counts every image once on any number of GPUs (MAE's --dist_eval pads with
   duplicates) and reports top-min(5, classes).
 - Checkpoints record the class names; a classifier meets only data with the same classes.
-- --model_ema (DeiT's option, not MAE's): EMA weights evaluated alongside; the best checkpoint
-  is chosen by the trained model's top-1. From scratch the weights get MAE's init (xavier).
+- From scratch the weights get MAE's init (xavier).
 - --mixup 0.8 / --cutmix 1.0 default to the values MAE's recipe passes (FINETUNE.md); the
   official script's flag defaults are 0 / 0 (off).
 - A TinyMIM relation student keeps its adaptive last block's head count by default; the
   official TinyMIM fine-tuning rebuilds that block with the standard count (--uniform_heads).
 """
 import argparse
-import copy
 import math
 import re
 from contextlib import nullcontext
@@ -121,6 +119,11 @@ def load_classifier(model, obj, path, classes):
                                    f"fine-tune it first: --finetune without --eval")
     check_classes(obj.get("class_names") if isinstance(obj, dict) else None, classes,
                   f"{path}: was trained on other classes than this data's")
+    if ("head.1.weight" in sd) != isinstance(model.head, nn.Sequential):  # MAE's probe: BatchNorm1d + Linear
+        raise util.CheckpointError(f"{path}: {'is' if 'head.1.weight' in sd else 'is not'} a linear probe "
+                                   f"(BatchNorm1d + Linear head): {'add' if 'head.1.weight' in sd else 'drop'} --linprobe")
+    if cfg.get("img_size") and cfg["img_size"] != model.config.get("img_size"):
+        print0(f"{path}: trained at {cfg['img_size']} px, evaluated at --input_size {model.config.get('img_size')}")
     if head.shape[0] != len(classes):
         raise util.CheckpointError(f"{path}: its head has {head.shape[0]} classes, the dataset has {len(classes)}")
     if cfg["family"] == "ViT" and cfg["global_pool"] != model.global_pool:
@@ -267,25 +270,6 @@ def format_eval(s):
             f"({s['correct1']} and {s['correct5']} of {s['images']} images)")
 
 
-class ModelEma:
-    """An exponential moving average of the weights and buffers, ema <- d ema + (1 - d) w after
-    every optimizer step (as timm's ModelEma: it starts from the model as loaded). One fused
-    torch._foreach_lerp_ and no host sync (torch.optim.swa_utils.AveragedModel reads its
-    device-side step counter twice per update: two syncs per step)."""
-
-    def __init__(self, model, decay):
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model):
-        ema, now = self.module.state_dict(), model.state_dict()
-        floats = [k for k, v in ema.items() if v.is_floating_point()]
-        torch._foreach_lerp_([ema[k] for k in floats], [now[k] for k in floats], 1.0 - self.decay)
-        for k in ema.keys() - set(floats):  # integer buffers (BatchNorm's batch count)
-            ema[k].copy_(now[k])
-
-
 # ----------------------------------------------------------------------------
 # Data: augmentation, the validation loader, labelled subsets
 
@@ -356,7 +340,7 @@ def class_balanced_subset(dataset, n, seed, classes):
         k = int(n) if n >= 1 else max(1, round(n * len(members)))
         if k > len(members):
             raise util.ConfigError(f"--train_subset {n:g}: class {name!r} has only {len(members)} training images")
-        g = torch.Generator().manual_seed(util.stable_seed(seed, "train_subset", c))
+        g = torch.Generator().manual_seed(data.stable_seed(seed, "train_subset", c))
         chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
     return torch.utils.data.Subset(dataset, torch.cat(chosen).sort().values.tolist()), [len(x) for x in chosen]
 
@@ -412,8 +396,6 @@ def get_args_parser():
                    "on the cls token; sets the defaults " + ", ".join(f"{k}={v}" for k, v in LINPROBE_DEFAULTS.items()))
     g.add_argument("--eval", action="store_true", help="only evaluate the classifier in --resume "
                    "(or --finetune), e.g. an official fine-tuned checkpoint")
-    g.add_argument("--model_ema", action="store_true", help="also keep and evaluate an EMA of the weights")
-    g.add_argument("--model_ema_decay", type=float, default=0.9999)
     g = util.add_optim_args(p, batch_size=64, epochs=50, warmup_epochs=5, blr=1e-3, weight_decay=0.05, min_lr=1e-6)
     g.add_argument("--layer_decay", type=float, default=0.75,
                    help="layer-wise lr decay: 0.65 MAE ViT-B, 0.85 MAE-Lite tiny, 1 = off")
@@ -449,13 +431,13 @@ def get_args_parser():
 VIT_ONLY_FLAGS = ("linprobe", "patch_size", "cls_token", "uniform_heads", "rel_pos_bias")
 # What a resumed run must keep: the classifier and what it starts from.
 FIXED_ON_RESUME = (*util.FIXED_ON_RESUME, "linprobe", "cls_token", "finetune", "uniform_heads",
-                   "rel_pos_bias", "train_subset")
+                   "rel_pos_bias", "train_subset", "optimizer")
 
 
 def check_args(args):
     util.check_common_args(args, dict(
         smoothing=util.between(0, 1, hi_ok=False), reprob=util.between(0, 1),
-        drop_path=util.between(0, 1, hi_ok=False), model_ema_decay=util.between(0, 1, hi_ok=False),
+        drop_path=util.between(0, 1, hi_ok=False),
         min_crop_scale=util.between(0, 1, lo_ok=False), layer_decay=util.between(0, 1, lo_ok=False),
         momentum=util.between(0, 1, hi_ok=False), mixup=util.NON_NEGATIVE, cutmix=util.NON_NEGATIVE,
         color_jitter=util.NON_NEGATIVE, train_subset=util.POSITIVE, eval_freq=util.AT_LEAST_1))
@@ -487,11 +469,13 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    dinfo = util.init_distributed(args.device)
+    dinfo = util.init_distributed(args.device, args.dist_timeout)
     device = dinfo.device
     if not args.eval:
         util.prepare_output_dir(args)
     val_set, classes = data.build_dataset(args, train=False, transform=data.eval_transform(args.input_size))
+    if len(classes) < 2:
+        raise util.ConfigError(f"the data has {len(classes)} class ({', '.join(classes)}): a classifier needs 2 or more")
     val_loader = build_val_loader(val_set, args, dinfo)
     if not args.eval:
         train_set, train_classes = data.build_dataset(args, train=True, transform=train_transform(args))
@@ -536,8 +520,8 @@ def main(args):
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{args.model}{' (linear probe)' if args.linprobe else ''}: {n_params / 1e6:.3f}M trainable "
-           f"parameters, {len(classes)} classes, {len(train_set)} training and {len(val_set)} validation "
-           f"images, {len(loader) // args.accum_iter} steps per epoch")
+           f"parameters, {len(classes)} classes, {len(val_set)} validation images")
+    util.announce(args, len(train_set), len(loader) // args.accum_iter)
 
     util.effective_lr(args, dinfo.world_size)
     optimizer = build_optimizer(model, args, device)
@@ -546,16 +530,7 @@ def main(args):
     if ckpt is not None:
         check_classes(ckpt.get("class_names"), classes, f"{args.resume or Path(args.output_dir) / 'checkpoint.pth'}: "
                       f"was trained on other classes than this data's")
-    # The EMA starts from the weights training continues from: a resumed run's, or its own
-    # saved average when the checkpoint has one (--model_ema may be added on resume).
-    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
-    if ema is not None:
-        optimizer.register_step_post_hook(lambda *_: ema.update(model))
-    best = None  # the best top-1 so far; None until the first evaluation
-    if start_epoch > 0:  # the entries util.resume_checkpoint does not restore
-        best = ckpt.get("best_acc1")
-        if ema is not None and ckpt.get("model_ema"):
-            ema.module.load_state_dict(ckpt["model_ema"])
+    best = ckpt.get("best_acc1") if start_epoch > 0 else None  # the best top-1 so far (None: not evaluated)
 
     net = util.wrap_model(model, dinfo, args)
     step = partial(classify_step, mixing=build_mixing(args, len(classes)), smoothing=args.smoothing, reprob=args.reprob)
@@ -564,25 +539,22 @@ def main(args):
     out = Path(args.output_dir)
     for epoch in range(start_epoch, args.epochs):
         stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
-        extra = {"class_names": list(classes), **({"model_ema": ema.module.state_dict()} if ema is not None else {})}
-        log, result = {"n_parameters": n_params, "train_images": len(train_set)}, ""
+        extra = {"class_names": list(classes)}
+        log, result, new_best = {"n_parameters": n_params, "train_images": len(train_set)}, "", False
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:  # --eval_freq, and the last
             val = evaluate(model, val_loader, device, autocast, len(classes))
             log.update({f"test_{k}": val[k] for k in ("loss", "acc1", "acc5")})
-            if ema is not None:
-                ema_val = evaluate(ema.module, val_loader, device, autocast, len(classes))
-                log.update({f"test_ema_{k}": ema_val[k] for k in ("loss", "acc1", "acc5")})
-            if (best is None or val["acc1"] > best) and dinfo.is_main:  # before checkpoint.pth records it
-                util.save_checkpoint(out / "checkpoint-best.pth", {
-                    "model": model.state_dict(), **extra, "epoch": epoch, "acc1": val["acc1"],
-                    "args": util.plain_args(args), "model_config": model.config})
-            best = val["acc1"] if best is None else max(best, val["acc1"])
+            new_best, best = best is None or val["acc1"] > best, val["acc1"] if best is None else max(best, val["acc1"])
             result = (f"val loss {val['loss']:.4f}  acc1 {val['acc1']:.2f}  acc{val['top_k']} {val['acc5']:.2f}  "
                       f"best {best:.2f}  ")
         log.update({"best_acc1": best} if best is not None else {})
-        util.end_epoch(args, model, optimizer, scaler, epoch, stats, log, {"best_acc1": best, **extra},
-                       result or f"not evaluated (--eval_freq {args.eval_freq})  ")
-
+        with util.uninterrupted():  # the best checkpoint and checkpoint.pth change together
+            if new_best and dinfo.is_main:
+                util.save_checkpoint(out / "checkpoint-best.pth", {
+                    "model": model.state_dict(), **extra, "epoch": epoch, "acc1": best,
+                    "args": util.plain_args(args), "model_config": model.config})
+            util.end_epoch(args, model, optimizer, scaler, epoch, stats, log, {"best_acc1": best, **extra},
+                           result or f"not evaluated (--eval_freq {args.eval_freq})  ")
 
 if __name__ == "__main__":
     util.run_main(main, get_args_parser())

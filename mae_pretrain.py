@@ -92,8 +92,8 @@ class MaskedAutoencoderViT(VisionTransformer):
     decoder_norm, decoder_pred.
 
     decode_layer: the block whose output, through `norm`, the decoder reads (default: the
-    last). D²-MAE (distill_pretrain.py --method d2) decodes block 8's; recorded in the config
-    so its reconstructions are drawn from the block it was trained on."""
+    last). D²-MAE (distill_pretrain.py --method d2) decodes block 8's; it lives here, recorded in
+    the config, so that analyze.py rebuilds any MAE student with this one class."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
@@ -222,7 +222,8 @@ def reconstruct(model, imgs, mask_ratio=0.75, noise=None):
 
 
 def save_reconstruction_figure(path, imgs, masked, recon, pasted, title=None):
-    """A grid: one row per image; original | masked | reconstruction | + visible."""
+    """A PNG grid at `path` (a file name or an open file): one row per image; original |
+    masked | reconstruction | + visible."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -240,7 +241,7 @@ def save_reconstruction_figure(path, imgs, masked, recon, pasted, title=None):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -268,7 +269,7 @@ def get_args_parser():
     g.add_argument("--min_crop_scale", type=float, default=0.2,
                    help="RandomResizedCrop scale=(min, 1): 0.2 MAE, 0.08 MAE-Lite tiny")
     util.add_optim_args(p, batch_size=64, epochs=400, warmup_epochs=40, blr=1.5e-4, weight_decay=0.05)
-    data.add_data_args(p, gpu_decode=True)
+    data.add_data_args(p)
     util.add_run_args(p, output_dir="runs/mae")
     return p
 
@@ -328,10 +329,10 @@ def check_args(args):
 
 def main(args):
     units = check_args(args)
-    dinfo = util.init_distributed(args.device)
+    dinfo = util.init_distributed(args.device, args.dist_timeout)
     device = dinfo.device
     util.prepare_output_dir(args)
-    transform = data.data_transform(args, data.pretrain_transform(args.input_size, args.min_crop_scale))
+    transform = data.pretrain_transform(args.input_size, args.min_crop_scale)
     dataset, _ = data.build_dataset(args, train=True, transform=transform)
     vis_imgs = data.eval_images(args) if dinfo.is_main else None  # fail now, not after training
     loader = data.build_train_loader(dataset, args, dinfo, noise=units)
@@ -343,7 +344,7 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {units} "
            f"{'mask units' if isinstance(model, hiera.Hiera) else 'patches'}, {int(units * (1 - args.mask_ratio))} kept")
-    print0(f"{len(dataset)} training images, {len(loader) // args.accum_iter} steps per epoch")
+    util.announce(args, len(dataset), len(loader) // args.accum_iter)
 
     util.effective_lr(args, dinfo.world_size)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
@@ -365,7 +366,8 @@ def main(args):
         with autocast():
             parts = reconstruct(model, imgs, args.mask_ratio, noise.to(device))
         path = Path(args.output_dir) / "reconstructions.png"
-        save_reconstruction_figure(path, imgs, *parts, title=f"{args.model}, mask ratio {args.mask_ratio}")
+        util.write_atomic(path, lambda f: save_reconstruction_figure(f, imgs, *parts,
+                                                                     title=f"{args.model}, mask ratio {args.mask_ratio}"))
         print0(f"saved {path}")
 
 

@@ -1,22 +1,21 @@
 """Run plumbing shared by the stages, and nothing that teaches a method: one-line errors
-(`run_main`), torchrun / DDP, the output folder and its checkpoints (atomic saves, weights_only
-loads, exact resume), the lr schedule and parameter groups, common flags, and the loop
+(`run_main`), torchrun / DDP, the output folder and its checkpoints (atomic saves, exact
+resume, log.txt), the lr schedule and parameter groups, common flags, and the loop
 (`train_one_epoch`: accumulation under no_sync, autocast, a non-finite stop, a tqdm bar).
 """
-import argparse
-import fcntl
-import hashlib
+import datetime
+import errno
 import json
 import math
 import os
 import re
-import resource
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,6 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from checkpoints import CheckpointError, disk_error, first_non_finite, load_checkpoint
+from data import stable_seed
+
 # ----------------------------------------------------------------------------
 # Errors the user can fix: one line, exit status 1, no traceback.
 
@@ -36,11 +38,7 @@ class UserError(Exception):
 
 
 class ConfigError(UserError):
-    """A flag or input path that cannot work."""
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read or does not fit the model."""
+    """A flag, an input path or the environment cannot work."""
 
 
 class NonFiniteLossError(UserError):
@@ -55,52 +53,58 @@ def terminate(signum, frame):
     raise Terminated()
 
 
-MODEL_FILES = ("vit.py", "hiera.py")
+# The modules a reader copies alone import nothing of ours: the ValueErrors they define
+# (data.DataError, checkpoints.CheckpointError) or that vit.py / hiera.py raise are the user's.
+COPYABLE = ("vit", "hiera", "data", "checkpoints")
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words
+_STATE = {"ending": False, "saving": False, "args": None}  # also read by watch_signals' thread
 
 
 def run_main(main, parser):
     """Parse arguments and run `main(args)`, ending in one line for what the user can fix:
-    a UserError or a model file's ValueError (exit 1), Ctrl-C (130) or SIGTERM (143), a peer
-    process that stopped (1). Anything else is a bug and keeps its traceback."""
-    args = parser.parse_args()
+    a UserError or a copyable module's ValueError (exit 1), a full or read-only disk (1),
+    Ctrl-C (130) or SIGTERM (143), a peer process that stopped (1). Anything else is a bug and
+    keeps its traceback. Under torchrun a line every rank would print alike is rank 0's only."""
+    args = _STATE["args"] = parser.parse_args()
     signal.signal(signal.SIGTERM, terminate)
     code = 0
     try:
         main(args)
     except BaseException as e:
+        _STATE["ending"] = True
         for s in (signal.SIGTERM, signal.SIGINT):  # already ending: torchrun's SIGTERM to the
             signal.signal(s, signal.SIG_IGN)  # other ranks must not cut their one line short
         for bar in list(getattr(tqdm, "_instances", ())):  # a bar left open mid-epoch would
             bar.close()  # otherwise share the message's line
-        from_model = isinstance(e, ValueError) and e.__traceback__ is not None and \
-            Path(traceback.extract_tb(e.__traceback__)[-1].filename).name in MODEL_FILES
+        tb = traceback.extract_tb(e.__traceback__)
+        rank, world = (os.environ.get(k, "") for k in ("RANK", "WORLD_SIZE"))
+        say = not (rank.isdigit() and world.isdigit() and 0 < int(rank) < int(world)) or \
+            type(e).__name__ == "CorruptImageError"  # an image is one rank's own
+        code, message = 1, f"error: {(str(e).splitlines() or [''])[0]}"
         if isinstance(e, KeyboardInterrupt):
             saved = f" {last_good(args)}" if hasattr(args, "epochs") and not getattr(args, "eval", False) else ""
-            print(f"{'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}.{saved}",
-                  file=sys.stderr, flush=True)
+            message = f"{'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}.{saved}"
             code = 143 if isinstance(e, Terminated) else 130
-        elif isinstance(e, (UserError, dist.DistBackendError)) or from_model or (
-                dist.is_initialized() and any(s in str(e) for s in PEER_LOST)):
-            lost = isinstance(e, RuntimeError) and not from_model  # gloo: a peer process stopped
-            print(f"error: lost contact with another process, which stopped (its message says why)"
-                  if lost else f"error: {e}", file=sys.stderr, flush=True)
-            code = 1
-        elif isinstance(e, SystemExit) or not dist.is_initialized():
-            raise
-        else:  # a bug under torchrun: the traceback, then the same clean exit
-            traceback.print_exc()
-            code = 1
+        elif dist.is_initialized() and (isinstance(e, dist.DistError) or
+                                        isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LOST)):
+            message = "error: lost contact with another process, which stopped (its message says why)"
+        elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            message = f"error: cannot write {e.filename or 'the output'}: {disk_error(e)}"
+        elif not (isinstance(e, UserError) or isinstance(e, ValueError) and (
+                type(e).__module__ in COPYABLE or tb and Path(tb[-1].filename).stem in COPYABLE[:2])):
+            if isinstance(e, SystemExit) or not dist.is_initialized():
+                raise
+            traceback.print_exc()  # a bug under torchrun: the traceback, then the same clean exit
+            say = False
+        if say:
+            print(message, file=sys.stderr, flush=True)
     finish(code)
 
 
 def finish(code):
-    """End the process with `code`. With a process group: destroy it, flush, and leave with
-    os._exit, skipping the interpreter's teardown. torch keeps the default gloo group alive
-    past destroy_process_group when torch._dynamo was imported after init (torchvision and
-    torch.compile import it), and its worker threads, still releasing the last collective's
-    tensors, then abort the process at teardown ("terminate called without an active
-    exception", SIGABRT) on a busy machine. Everything a run writes is closed or fsynced."""
+    """End the process with `code`. With a process group: destroy it, flush, os._exit. torch
+    keeps the gloo group alive past destroy_process_group when torch._dynamo was imported after
+    init, and its threads abort the interpreter's teardown (SIGABRT) on a busy machine."""
     if dist.is_initialized():
         dist.destroy_process_group()
         sys.stdout.flush()
@@ -126,23 +130,60 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device="auto"):
-    """Set up from torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or a single process without them.
-    device: 'auto' (CUDA if available), 'cuda' or 'cpu'."""
+def init_distributed(device="auto", timeout_min=10.0):
+    """Set up from torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
+    (checked), or one process without them. device: 'auto' (CUDA if available), 'cuda' or
+    'cpu'. timeout_min: how long the rendezvous and each collective wait for the others."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in
-                          (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    env = {k: os.environ.get(k, "") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    bad = [f"{k}={v!r} is not a whole number" for k, v in env.items() if k != "MASTER_ADDR" and v and not v.isdigit()]
+    rank, world, local = (int(env[k]) if env[k].isdigit() else d for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
+                                                                             ("LOCAL_RANK", 0)))
+    unset = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if world > 1 and not env[k]]
+    bad += [f"WORLD_SIZE is {world} but {', '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set"] * bool(unset)
+    bad += [f"RANK {rank} is not below WORLD_SIZE {world}"] * (not bad and rank >= world)
+    if bad:
+        raise ConfigError(f"the environment says a distributed run, but {bad[0]}: start it with torchrun, "
+                          f"or unset RANK and WORLD_SIZE for one process")
+    dev = torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
     if device == "cuda":
         torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        watch_signals()
+        try:
+            dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+        except dist.DistError as e:
+            raise ConfigError(f"rank {rank} of {world} could not join the others at {env['MASTER_ADDR']}:"
+                              f"{env['MASTER_PORT']} within --dist_timeout {timeout_min:g} min "
+                              f"({(str(e).splitlines() or [''])[0]})") from None
     return DistInfo(rank, world, local, dev)
+
+
+def watch_signals(grace_s=10.0):
+    """Ctrl-C and SIGTERM raise in the main thread only when it runs Python: a process waiting
+    in torch's C++ for a peer (the rendezvous, a collective) would ignore them until the
+    timeout. A thread woken by the signal (set_wakeup_fd) ends such a process after `grace_s`
+    (or after a checkpoint being saved) with the usual line and status."""
+    if os.name == "nt":  # set_wakeup_fd takes a socket there; the timeout ends the wait
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w)
+
+    def watch():
+        while (num := os.read(r, 1)[0]) not in (signal.SIGINT, signal.SIGTERM):
+            pass
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end or _STATE["saving"]:
+            time.sleep(0.1)
+        if not _STATE["ending"]:  # the main thread never got to handle it
+            print(f"{'terminated (SIGTERM)' if num == signal.SIGTERM else 'interrupted'} while waiting for "
+                  f"another process. {last_good(_STATE['args'])}", file=sys.stderr, flush=True)
+        os._exit(143 if num == signal.SIGTERM else 130)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def is_main_process():
@@ -187,12 +228,6 @@ def no_sync(model):
     return inner.no_sync() if isinstance(inner, DistributedDataParallel) else nullcontext()
 
 
-def stable_seed(*parts):
-    """A 63-bit seed from a tuple of ints/strings, the same on every machine and run."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 # ----------------------------------------------------------------------------
 # Runs: the output folder, saving, resuming
 
@@ -201,10 +236,15 @@ _LOCKS = {}  # output folder -> the open lock file this process holds
 
 def prepare_output_dir(args, run=True):
     """Before any work: --output_dir must be a writable directory (checked by writing to it).
-    For a training run (`run`), rank 0 also takes an exclusive lock on <output_dir>/.lock
-    (flock: released when the process ends, kill -9 included), refuses a folder that holds
-    another run than the one resumed, and removes temp files a killed save left."""
+    For a training run (`run`), rank 0 also locks <output_dir>/.lock (flock, or msvcrt on
+    Windows: the OS releases it when the process ends, kill -9 included), refuses a folder
+    holding another run than the one resumed (any checkpoint*.pth or log.txt; --resume may
+    roll back to a kept checkpoint-N.pth of the folder's own run), and removes temp files a
+    killed save left."""
     out = Path(args.output_dir)
+    if not str(args.output_dir).strip() or out.is_file():
+        raise ConfigError(f"--output_dir {out} is a file, not a folder: choose another --output_dir"
+                          if str(args.output_dir).strip() else "--output_dir is empty: name the run's folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -213,12 +253,18 @@ def prepare_output_dir(args, run=True):
         raise ConfigError(f"--output_dir {out}: cannot write there ({e.strerror or e})") from None
     if not run or not is_main_process():
         return out
-    key = str(out.resolve())
-    if key not in _LOCKS:
-        lock = open(out / ".lock", "a+")
+    if str(out.resolve()) not in _LOCKS:
+        lock = _LOCKS[str(out.resolve())] = open(out / ".lock", "a+")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                import fcntl
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # Windows: lock a byte past the pid, which stays readable
+                import msvcrt
+                lock.seek(1 << 20)
+                msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
         except OSError:
+            del _LOCKS[str(out.resolve())]
             lock.seek(0)
             raise ConfigError(f"--output_dir {out} is in use by another run (pid {lock.read().strip() or '?'}): "
                               f"wait for it to end or choose another --output_dir") from None
@@ -226,91 +272,80 @@ def prepare_output_dir(args, run=True):
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        _LOCKS[key] = lock
     ckpt = out / "checkpoint.pth"
-    resumed = args.resume and Path(args.resume).resolve() == ckpt.resolve()
-    if args.resume and not resumed and (ckpt.exists() or (out / "log.txt").exists()):
-        raise ConfigError(f"--output_dir {out} holds another run ({'checkpoint.pth' if ckpt.exists() else 'log.txt'}); "
-                          f"resuming {args.resume} there would overwrite it: choose an empty --output_dir, "
-                          f"or --resume {ckpt} to continue that run")
-    if not args.resume and (out / "log.txt").exists() and not ckpt.exists():
-        raise ConfigError(f"--output_dir {out} has a log.txt but no checkpoint.pth (another run's?): "
-                          f"choose another --output_dir or remove it")
+    own = args.resume and Path(args.resume).parent.resolve() == out.resolve() and \
+        re.fullmatch(r"checkpoint(-\d+)?\.pth", Path(args.resume).name)
+    other = sorted(p.name for p in (*out.glob("checkpoint*.pth"), out / "log.txt") if p.is_file())
+    if args.resume and not own and other:
+        raise ConfigError(f"--output_dir {out} holds another run ({other[0]}); resuming {args.resume} there "
+                          f"would overwrite it: choose an empty --output_dir, or --resume {ckpt} to continue that run")
+    if not args.resume and other and not ckpt.exists():
+        raise ConfigError(f"--output_dir {out} has {', '.join(other)} but no checkpoint.pth (another run's?): "
+                          f"choose another --output_dir or remove them")
     for tmp in out.glob("*.pth.*.tmp"):
         tmp.unlink(missing_ok=True)
     return out
 
 
 def plain_args(args):
-    """argparse.Namespace -> dict of plain data (safe for weights_only loading). Attributes
-    starting with '_' are the run's bookkeeping, not flags, and are left out."""
-    ok = (str, int, float, bool, type(None))
-    out = {}
-    for k, v in vars(args).items():
-        if k.startswith("_"):
-            continue
-        if isinstance(v, (list, tuple)):
-            v = [x if isinstance(x, ok) else str(x) for x in v]
-        out[k] = v if isinstance(v, ok + (list,)) else str(v)
-    return out
+    """argparse.Namespace -> dict of plain data (safe for weights_only loading); attributes
+    starting with '_' are the run's bookkeeping, not flags."""
+    def plain(v):
+        return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+    return {k: [plain(x) for x in v] if isinstance(v, (list, tuple)) else plain(v)
+            for k, v in vars(args).items() if not k.startswith("_")}
 
 
-def save_checkpoint(path, state):
-    """Write atomically: a temp file in the same folder, fsync, then rename over `path`. A
-    kill at any moment leaves either the old complete file or the new one. The file gets the
-    umask's permissions. A failed write (disk full: torch's writer raises RuntimeError, the
-    OS an OSError) is a one-line CheckpointError, and the temp file is removed."""
+def write_atomic(path, write, error=ConfigError, kept=False):
+    """write(f) into a temp file beside `path`, fsync, rename over `path`: a kill at any moment
+    leaves the old complete file or the new one, with the umask's permissions. A failed write
+    (a full disk: torch's writer raises RuntimeError, the OS an OSError) is a one-line `error`
+    naming the file (and, with `kept`, whether the previous one is intact); no temp file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)):
-            why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
-            raise CheckpointError(f"cannot write {path} ({why}); "
-                                  f"{'the previous one is intact' if path.exists() else 'nothing was saved'}") from None
+            intact = "; the previous one is intact" if path.exists() else "; nothing was saved"
+            raise error(f"cannot write {path} ({disk_error(e, path.parent)}){intact * kept}") from None
         raise
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True (a checkpoint from the internet cannot run code), one
-    line for a missing, corrupt or code-carrying file. argparse.Namespace is allow-listed
-    because MAE's own training checkpoints store one."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+def save_checkpoint(path, state):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: torch.save(state, f), CheckpointError, kept=True)
+
+
+def write_log(out, lines):
+    """log.txt: one JSON object per finished epoch (MAE's format, to plot), written whole."""
+    write_atomic(Path(out) / "log.txt", lambda f: f.write("".join(json.dumps(x) + "\n" for x in lines).encode()))
+
+
+@contextmanager
+def uninterrupted():
+    """Ctrl-C and SIGTERM wait until the block is done: a checkpoint, its log.txt and what a
+    stop message reports change together (signals already ignored stay ignored)."""
+    if _STATE["saving"] or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending, old = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in (s for s, h in old.items() if h is not signal.SIG_IGN):
+        signal.signal(s, lambda num, frame: pending.append(num))
+    _STATE["saving"] = True
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e)
-        # torch names the Python object the pickle asks for: "Unsupported global: GLOBAL x.y"
-        # (a class) or "unsupported GLOBAL posix.system whose module posix is blocked".
-        blocked = re.search(r"GLOBAL\s+([\w.]+)", text)
-        if blocked:
-            raise CheckpointError(f"{path}: holds Python objects other than tensors ({blocked.group(1)}): "
-                                  f"unpickling it would run code, so it was refused (load it with "
-                                  f"weights_only=False only if you trust its source)") from None
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-        detail = detail.group(1).strip() if detail else (text.strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint or the file is corrupt "
-                              f"({type(e).__name__}: {detail[:200]})") from None
-
-
-def first_non_finite(named_tensors):
-    """Name of the first floating tensor holding NaN / inf, or values so large (|w| > 1.8e19)
-    that their squares overflow float32 (a LayerNorm or an MSE over them gives inf; `--lr
-    1e37` leaves such weights after one step). None when all are fine."""
-    for k, v in named_tensors:
-        if v.is_floating_point() and not torch.isfinite(v.detach().float().square()).all():
-            return k
-    return None
+        yield
+    finally:
+        _STATE["saving"] = False
+        for s, h in old.items():
+            signal.signal(s, h)
+    if pending:
+        raise Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def load_state_strict(model, state_dict, path):
@@ -332,82 +367,83 @@ def load_state_strict(model, state_dict, path):
 
 # Flags a resumed run must keep: they define the model or the method. Each stage adds its own.
 FIXED_ON_RESUME = ("model", "input_size", "patch_size", "num_heads")
+# Which script wrote a run's args: the first of these flags it has (a stage's own).
+STAGES = (("teacher", "distill_pretrain.py"), ("layer_decay", "finetune.py"), ("decoder_depth", "mae_pretrain.py"))
 
 
 def check_resumed_args(args, saved, path, fixed):
-    """A resumed run must not change what defines the model or the method (`fixed` flags):
-    refuse with one line. Other changes (batch size, lr, epochs) are allowed and listed."""
+    """A resumed run must come from the same stage and keep what defines the model and the
+    method (`fixed` flags): refuse with one line. Other changes (batch size, lr, epochs,
+    weight decay) are allowed, listed, and apply from here on."""
     where = "" if args.resume else f" (found in --output_dir {args.output_dir})"
     new = plain_args(args)
+    theirs, ours = (next((s for flag, s in STAGES if flag in a), None) for a in (saved, new))
+    if theirs and theirs != ours:
+        raise ConfigError(f"{path}{where} is a {theirs} run, not a {ours} one: " + (
+            f"start a fine-tuning from it with --finetune {path} and a new --output_dir" if ours == "finetune.py"
+            else f"continue it with {theirs}, or choose another --output_dir"))
     if isinstance(saved.get("global_pool"), bool) and "cls_token" not in saved:  # finetune.py's flag
         saved = {**saved, "cls_token": not saved["global_pool"]}  # before --cls_token (True = mean pool)
 
     def same(flag, old, now):  # paths (--teacher, --finetune) are the same when they name one file
         return old == now or (flag in ("teacher", "finetune") and bool(old) and bool(now) and
                               Path(old).exists() and Path(now).exists() and os.path.samefile(old, now))
-    for flag in fixed:
-        if flag in saved and flag in new and not same(flag, saved[flag], new[flag]):
-            was, now = ("(not given)" if v in (None, "") else v for v in (saved[flag], new[flag]))
-            raise ConfigError(f"{path}{where} was trained with --{flag} {was}, this run has "
-                              f"--{flag} {now}: a resumed run must keep the flags that define "
-                              f"the model and the method (use another --output_dir for a new run)")
-    changed = [f"--{k} {saved[k]} -> {v}" for k, v in new.items() if k in saved and k != "resume" and saved[k] != v]
+    for flag in (f for f in fixed if f in saved and f in new and not same(f, saved[f], new[f])):
+        was, now = ("(not given)" if v in (None, "") else v for v in (saved[flag], new[flag]))
+        raise ConfigError(f"{path}{where} was trained with --{flag} {was}, this run has --{flag} {now}: a resumed "
+                          f"run must keep the flags that define the model and the method (use another "
+                          f"--output_dir for a new run)")
+    changed = [f"--{k} {saved[k]} -> {v}" for k, v in new.items() if k in saved and k != "resume" and not same(k, saved[k], v)]
     if changed:
         print0(f"resuming {path}{where} with changed flags: {', '.join(changed)}")
+    if saved.get("epochs") != args.epochs and "lr" in saved:
+        was, now = (cosine_lr(min(args._start_epoch, saved["epochs"]), a["lr"], a["min_lr"], a["warmup_epochs"],
+                              a["epochs"]) for a in (saved, new))
+        print0(f"--epochs {saved['epochs']} -> {args.epochs}: the cosine schedule is recomputed; at epoch "
+               f"{args._start_epoch} the lr is {now:.3g} (the old schedule's: {was:.3g})")
 
 
 def resume_checkpoint(args, model, optimizer, scaler=None, fixed=FIXED_ON_RESUME):
     """Restore a run from --resume, or from <output_dir>/checkpoint.pth when it exists (a
-    requeued job continues with the same command). Returns (first epoch to run, the
-    checkpoint dict or None) so a stage can restore entries of its own (an EMA, a best score)."""
+    requeued job continues with the same command). The optimizer keeps its moments and takes
+    this run's settings (weight decay, layer-decay scales); log.txt is rewritten from the
+    checkpoint, one line per finished epoch. Returns (first epoch to run, the checkpoint or
+    None) so a stage can restore entries of its own (a best score, a teacher's fingerprint)."""
     path = args.resume or (Path(args.output_dir) / "checkpoint.pth")
-    args._args_history = []
+    args._args_history, args._log = [], []
     if not args.resume and not Path(path).is_file():
         return 0, None
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: no 'model' entry; --resume takes a training checkpoint")
+    args._start_epoch = ckpt["epoch"] + 1 if "optimizer" in ckpt and "epoch" in ckpt else 0
     if isinstance(ckpt.get("args"), dict):  # this project's checkpoint: the run's flags
         check_resumed_args(args, ckpt["args"], path, fixed)
         args._args_history = list(ckpt.get("args_history") or [ckpt["args"]])
     load_state_strict(model, ckpt["model"], path)
-    if "optimizer" in ckpt and "epoch" in ckpt:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError as e:
-            raise CheckpointError(f"{path}: optimizer state does not fit ({e})") from None
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if Path(path).resolve() == (Path(args.output_dir) / "checkpoint.pth").resolve():
-            args._saved_epoch = ckpt["epoch"]  # what a stop message reports
-        if ckpt["epoch"] + 1 >= args.epochs:
-            print0(f"{path}: all {ckpt['epoch'] + 1} epochs are done (--epochs {args.epochs}): "
-                   f"nothing to train; raise --epochs to continue")
-        else:
-            print0(f"resumed {path}: epoch {ckpt['epoch']} done, continuing at {ckpt['epoch'] + 1}")
-        return ckpt["epoch"] + 1, ckpt
-    print0(f"loaded weights only from {path} (no optimizer state / epoch): starting at epoch 0")
-    return 0, ckpt
-
-
-def save_training_state(args, model, optimizer, scaler, epoch, extra=None):
-    """Rank 0 writes <output_dir>/checkpoint.pth (always the latest complete epoch) and,
-    every --save_every epochs, a kept copy checkpoint-<epoch>.pth. `extra`: more entries
-    (an EMA model, the best accuracy, class names). 'args' holds this run's flags,
-    'args_history' those of every start of the run (a resumed run appends)."""
+    if not args._start_epoch:
+        print0(f"loaded weights only from {path} (no optimizer state / epoch): starting at epoch 0")
+        return 0, ckpt
+    ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: optimizer state does not fit ({e})") from None
+    for group, settings in zip(optimizer.param_groups, ours):
+        group.update(settings)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    old_log = Path(args.output_dir) / "log.txt"  # a checkpoint from before its log was saved in it
+    args._log = ckpt.get("log") or [x for x in map(json.loads, old_log.read_text().splitlines() if old_log.is_file()
+                                                   else []) if x["epoch"] <= ckpt["epoch"]]
     if is_main_process():
-        model = unwrap(model)
-        history = getattr(args, "_args_history", [])
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "epoch": epoch, "args": plain_args(args), "args_history": history + [plain_args(args)],
-                 "model_config": getattr(model, "config", None), **(extra or {})}
-        out = Path(args.output_dir)
-        save_checkpoint(out / "checkpoint.pth", state)
-        every = getattr(args, "save_every", 0)
-        if every and ((epoch + 1) % every == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(out / f"checkpoint-{epoch}.pth", state)
-    args._saved_epoch = epoch
+        write_log(args.output_dir, args._log)
+    if Path(path).resolve() == (Path(args.output_dir) / "checkpoint.pth").resolve():
+        args._saved_epoch = ckpt["epoch"]  # what a stop message reports
+    print0(f"{path}: all {ckpt['epoch'] + 1} epochs are done (--epochs {args.epochs}): nothing to train; raise "
+           f"--epochs to continue" if ckpt["epoch"] + 1 >= args.epochs else
+           f"resumed {path}: epoch {ckpt['epoch']} done, continuing at {ckpt['epoch'] + 1}")
+    return ckpt["epoch"] + 1, ckpt
 
 
 def last_good(args):
@@ -420,12 +456,24 @@ def last_good(args):
 
 
 def end_epoch(args, model, optimizer, scaler, epoch, stats, log=None, extra=None, result=""):
-    """After an epoch: save checkpoint.pth (with `extra` entries), append the train `stats` and
-    `log` as one JSON line to log.txt (MAE's format, to plot), print one line."""
-    save_training_state(args, model, optimizer, scaler, epoch, extra)
-    if is_main_process():
-        with open(Path(args.output_dir) / "log.txt", "a") as f:
-            f.write(json.dumps({**{f"train_{k}": v for k, v in stats.items()}, **(log or {}), "epoch": epoch}) + "\n")
+    """After an epoch, as one step Ctrl-C cannot split: rank 0 writes checkpoint.pth (the run's
+    flags in 'args', those of every start in 'args_history', the lines of log.txt in 'log',
+    `extra` entries), every --save_every epochs a kept checkpoint-<epoch>.pth, then log.txt
+    with this epoch's line (the train `stats` and `log`); every rank prints one line."""
+    args._log = [*getattr(args, "_log", []), {**{f"train_{k}": v for k, v in stats.items()}, **(log or {}),
+                                              "epoch": epoch}]
+    with uninterrupted():
+        if is_main_process():
+            history, bare = getattr(args, "_args_history", []), unwrap(model)
+            state = {"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+                     "args": plain_args(args), "args_history": history + [plain_args(args)],
+                     "model_config": getattr(bare, "config", None), "log": args._log, **(extra or {})}
+            save_checkpoint(Path(args.output_dir) / "checkpoint.pth", state)
+            if args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+                save_checkpoint(Path(args.output_dir) / f"checkpoint-{epoch}.pth", state)
+            write_log(args.output_dir, args._log)
+        args._saved_epoch = epoch
     terms = "  ".join(f"{k} {v:.4f}" for k, v in stats.items() if k not in ("lr", "img_per_s", "epoch_time_s",
                                                                            "peak_mem_mb"))
     print0(f"epoch {epoch}: {terms}  lr {stats['lr']:.2e}  {result}{stats['img_per_s']:.0f} img/s  "
@@ -486,14 +534,28 @@ def make_adamw(groups, lr, betas, device):
 def effective_lr(args, world_size):
     """lr = blr * effective batch / 256 unless --lr is given (MAE's scaling rule)."""
     eff = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:
-        args.lr = args.blr * eff / 256
+    args.lr = args.blr * eff / 256 if args.lr is None else args.lr
+    if args.lr > 1e37:  # float32's range, which the optimizer computes in
+        raise ConfigError(f"the lr {args.lr:g} = --blr x {eff} / 256 is beyond 1e37: lower --blr")
     if args.min_lr > args.lr:
         raise ConfigError(f"--min_lr {args.min_lr:g} exceeds the lr {args.lr:g}: the cosine schedule "
                           f"would rise instead of decay")
     print0(f"effective batch {eff} = {args.batch_size} per process x {args.accum_iter} "
            f"accumulation x {world_size} processes; base lr {args.blr:.3g}, lr {args.lr:.3g}")
     return args.lr
+
+
+def announce(args, images, steps):
+    """The first lines of a training run: its data, schedule and output folder; a real run's
+    schedule on the built-in toy data is said to be one (a forgotten --data_path)."""
+    toy = args.dataset == "synthetic" or args.dataset == "auto" and not args.data_path
+    print0(f"data: the built-in synthetic data, {images} images (pass --data_path for real images)" if toy else
+           f"data: {args.data_path or './data'} ({args.dataset}), {images} training images")
+    print0(f"schedule: {args.epochs} epochs of {steps} steps, {args.warmup_epochs:g} of them warm-up; "
+           f"checkpoint.pth and log.txt go to {args.output_dir}")
+    if toy and args.epochs >= 100:
+        print0(f"note: {args.epochs} epochs is a real run's schedule, here on {images} toy images: "
+               f"give --data_path (ImageNet), or fewer --epochs for a try")
 
 
 def amp_setup(precision, device):
@@ -539,6 +601,8 @@ def add_run_args(parser, output_dir):
                    help="also keep checkpoint-<epoch>.pth every N epochs (0: only the latest)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    g.add_argument("--dist_timeout", type=float, default=10.0, metavar="MIN",
+                   help="under torchrun: minutes to wait for the other processes (start, each collective)")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 adds a GradScaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -551,8 +615,6 @@ def add_run_args(parser, output_dir):
     g.add_argument("--benchmark_warmup", type=int, default=10, metavar="STEPS")
     g.add_argument("--peak_tflops", type=float, default=None, help="the device's peak for MFU, e.g. "
                    "989 for an H100 / H200 SXM in bf16 (dense)")
-    g.add_argument("--benchmark_data", type=int, default=0, metavar="BATCHES",
-                   help="only read this many batches with the real loader and print img/s (per worker)")
     return g
 
 
@@ -569,9 +631,10 @@ FLAG_RANGES = dict(
     patch_size=AT_LEAST_1, num_heads=AT_LEAST_1, print_freq=AT_LEAST_1, synthetic_samples=AT_LEAST_1,
     decoder_embed_dim=AT_LEAST_1, decoder_depth=AT_LEAST_1, decoder_num_heads=AT_LEAST_1,
     num_workers=NON_NEGATIVE, save_every=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE,
-    blr=POSITIVE, lr=POSITIVE, min_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, clip_grad=POSITIVE,
+    blr=between(0, 1e37, lo_ok=False), lr=between(0, 1e37, lo_ok=False), min_lr=between(0, 1e37),
+    seed=between(0, 2 ** 63 - 1), dist_timeout=POSITIVE, weight_decay=NON_NEGATIVE, clip_grad=POSITIVE,
     mask_ratio=between(0, 1, hi_ok=False), min_crop_scale=between(0, 1, lo_ok=False),
-    benchmark=NON_NEGATIVE, benchmark_warmup=NON_NEGATIVE, benchmark_data=NON_NEGATIVE,
+    benchmark=NON_NEGATIVE, benchmark_warmup=NON_NEGATIVE,
     peak_tflops=POSITIVE)
 
 
@@ -596,9 +659,14 @@ def check_common_args(args, ranges=None):
 
 
 def peak_memory_mb(device):
-    """Peak CUDA memory allocated by tensors, or the process's peak RSS on CPU."""
+    """Peak CUDA memory allocated by tensors, or the process's peak RSS on CPU (0 on Windows,
+    which has no `resource` module)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource
+    except ImportError:
+        return 0.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -699,60 +767,38 @@ def sync(device):
 def benchmark(args, model, loader, optimizer, step_fn, device, autocast=nullcontext, scaler=None):
     """--benchmark STEPS: optimizer steps on the loader's first batch kept on the device (no
     data loading), timed after --benchmark_warmup steps; img/s, TFLOP/s and MFU per device
-    (FLOPs of one micro-batch counted on the eager model), peak memory. --benchmark_data
-    BATCHES: only the loader (and the GPU decode), img/s per worker. Both write
-    benchmark.json. Returns False when neither is asked for."""
-    if args.benchmark_data:
-        if len(loader) < args.benchmark_data + 1:  # the first batch is not timed
-            raise ConfigError(f"--benchmark_data {args.benchmark_data}: this process's loader has "
-                              f"{len(loader)} batches of {args.batch_size}; give at most {len(loader) - 1}")
-        it, images = iter(loader), 0
-        for i in tqdm(range(args.benchmark_data + 1), desc="reading", disable=not is_main_process()):
-            imgs = next(it)[0]
-            if i == 0:  # the first batch waits for the workers to start: not counted
-                sync(device)
-                t0 = time.perf_counter()
-            else:
-                images += imgs.shape[0]
-        sync(device)
-        rate = images / (time.perf_counter() - t0)
-        report = dict(mode="data", images=images, img_per_s=rate, num_workers=args.num_workers,
-                      img_per_s_per_worker=rate / max(args.num_workers, 1),
-                      gpu_decode=getattr(args, "gpu_decode", False))
-        print0(f"data: {rate:.0f} img/s with {args.num_workers} workers "
-               f"({report['img_per_s_per_worker']:.0f} per worker) on this process's shard")
-    elif args.benchmark:
-        loader.sampler.set_epoch(0)
-        batch, B = next(iter(loader)), args.batch_size
-        model.train(True)
-
-        def micro_step():
-            with autocast():
-                loss = step_fn(unwrap(model), batch)[0]
-            loss.backward()
-        flops = count_flops(micro_step) / B  # per image, forward + backward
-        optimizer.zero_grad(set_to_none=True)
-        for i in range(args.benchmark_warmup + args.benchmark):
-            if i == args.benchmark_warmup:
-                sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-            for j in range(args.accum_iter):
-                train_step(model, batch, optimizer, step_fn, args, autocast, scaler, last_micro=j + 1 == args.accum_iter)
-        sync(device)
-        rate = args.benchmark * args.accum_iter * B / (time.perf_counter() - t0)  # per device
-        tflops = flops * rate / 1e12
-        report = dict(mode="train", steps=args.benchmark, batch_size=B, img_per_s=rate * dist_world(),
-                      img_per_s_per_device=rate, gflops_per_image=flops / 1e9, tflops_per_device=tflops,
-                      mfu=tflops / args.peak_tflops if args.peak_tflops else None,
-                      peak_mem_mb=peak_memory_mb(device), device=str(device))
-        print0(f"benchmark: {report['img_per_s']:.0f} img/s ({rate:.0f} per device), "
-               f"{flops / 1e9:.2f} GFLOP per image (forward + backward), {tflops:.1f} TFLOP/s per device"
-               + (f", MFU {100 * report['mfu']:.1f}% of {args.peak_tflops:g}" if args.peak_tflops else "")
-               + f", peak memory {report['peak_mem_mb']:.0f} MB")
-    else:
+    (FLOPs of one micro-batch, torch's FlopCounter on the eager model), peak memory, also
+    written to benchmark.json. Returns False when it is not asked for."""
+    if not args.benchmark:
         return False
+    loader.sampler.set_epoch(0)
+    batch, B = next(iter(loader)), args.batch_size
+    model.train(True)
+    def micro_step():
+        with autocast():
+            loss = step_fn(unwrap(model), batch)[0]
+        loss.backward()
+    flops = count_flops(micro_step) / B  # per image, forward + backward
+    optimizer.zero_grad(set_to_none=True)
+    for i in range(args.benchmark_warmup + args.benchmark):
+        if i == args.benchmark_warmup:
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+        for j in range(args.accum_iter):
+            train_step(model, batch, optimizer, step_fn, args, autocast, scaler, last_micro=j + 1 == args.accum_iter)
+    sync(device)
+    rate = args.benchmark * args.accum_iter * B / (time.perf_counter() - t0)  # per device
+    tflops = flops * rate / 1e12
+    report = dict(mode="train", steps=args.benchmark, batch_size=B, img_per_s=rate * dist_world(),
+                  img_per_s_per_device=rate, gflops_per_image=flops / 1e9, tflops_per_device=tflops,
+                  mfu=tflops / args.peak_tflops if args.peak_tflops else None,
+                  peak_mem_mb=peak_memory_mb(device), device=str(device))
+    print0(f"benchmark: {report['img_per_s']:.0f} img/s ({rate:.0f} per device), "
+           f"{flops / 1e9:.2f} GFLOP per image (forward + backward), {tflops:.1f} TFLOP/s per device"
+           + (f", MFU {100 * report['mfu']:.1f}% of {args.peak_tflops:g}" if args.peak_tflops else "")
+           + f", peak memory {report['peak_mem_mb']:.0f} MB")
     if is_main_process():
         (Path(args.output_dir) / "benchmark.json").write_text(json.dumps(report, indent=1))
     return True

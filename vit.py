@@ -339,7 +339,7 @@ class VisionTransformer(nn.Module):
         taps = Taps()
         for k, blk in enumerate(self.blocks[:last], start=1):
             if k == stop_at and k not in layers and k not in attn:
-                # Only this block's norm1 / q, k, v are needed: skip its attention and MLP.
+                # Only its norm1 / q, k, v are needed (TinyMIM's relations): skip attention and MLP.
                 h = blk.norm1(x)
                 if k in norm1:
                     taps.norm1[k] = h

@@ -10,6 +10,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402  (after the project root is on sys.path)
+import data  # noqa: E402
+import util  # noqa: E402
+
+# What a run reports in one line: util's own errors and the ValueErrors of the modules that can
+# be copied alone (they import nothing of util's).
+USER_ERRORS = (util.UserError, checkpoints.CheckpointError, data.DataError)
+
 # A small but complete configuration for the command-line scripts: 32x32 images, 16
 # patches of 8x8, the built-in synthetic data, no worker processes.
 TINY_DATA = ["--input_size", "32", "--synthetic_samples", "64", "--num_workers", "0"]

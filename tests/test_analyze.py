@@ -270,3 +270,19 @@ def test_reconstructions_mask_the_ratio_the_checkpoint_records_unless_told():
     assert analyze.mask_ratio_for(hf, unset, 0.75) == 0.6  # a Hugging Face config.json
     assert analyze.mask_ratio_for({"model": {}}, unset, 0.75) == 0.75
     assert analyze.mask_ratio_for(ours, given, 0.75) == 0.9
+
+
+def test_the_data_scale_table_gives_each_students_mean_and_range_over_seeds_and_draws_the_figure(tmp_path, capsys):
+    top1 = {("mae", 50): [40.0, 42.0, 47.0], ("mae", 200): [55.5], ("dmae", 50): [44.0, 46.0]}
+    for (student, n), values in top1.items():
+        for seed, acc in enumerate(values):
+            run = tmp_path / "ft" / f"{student}_{n}_s{seed}"
+            run.mkdir(parents=True)
+            lines = [{"epoch": 0, "train_loss": 2.0}, {"epoch": 1, "test_acc1": acc}]  # the last line counts
+            (run / "log.txt").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = analyze.get_args_parser().parse_args(["--data_scale", str(tmp_path / "ft"), "--output_dir", str(tmp_path)])
+    analyze.main(args)
+    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert rows["mae"] == "| mae | 43.00 (40.00-47.00, 3 seeds) | 55.50 (55.50-55.50, 1 seeds) |"
+    assert rows["dmae"] == "| dmae | 45.00 (44.00-46.00, 2 seeds) | - |"
+    assert (tmp_path / "data_scale.png").stat().st_size > 10_000

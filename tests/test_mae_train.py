@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
+import data
 import mae_pretrain
-import util
-from conftest import ROOT, TINY_DATA, error_line, run_script, run_torchrun, wait_for
+from conftest import ROOT, TINY_DATA, USER_ERRORS, error_line, run_script, run_torchrun, wait_for
 
 # 16 patches of 8x8; the preset's 12-block tiny encoder, MAE-Lite's 1-block decoder.
 TINY = ["mae_pretrain.py", *TINY_DATA, "--patch_size", "8", "--warmup_epochs", "1", "--blr", "1e-3"]
@@ -102,7 +102,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 def test_bad_values_fail_at_start_with_a_clear_message(tmp_path, flags, message):
     args = mae_pretrain.get_args_parser().parse_args(
         [*TINY[1:], "--output_dir", str(tmp_path / "run"), *flags])
-    with pytest.raises(util.UserError) as e:
+    with pytest.raises(USER_ERRORS) as e:
         mae_pretrain.main(args)
     assert message in str(e.value)
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
@@ -118,5 +118,5 @@ def test_an_image_folder_without_train_split_is_named(tmp_path):
     (tmp_path / "imgs" / "val" / "cat").mkdir(parents=True)
     args = mae_pretrain.get_args_parser().parse_args(
         [*TINY[1:], "--data_path", str(tmp_path / "imgs"), "--output_dir", str(tmp_path / "run")])
-    with pytest.raises(util.ConfigError, match="no train/ folder"):
+    with pytest.raises(data.DataError, match="no train/ folder"):
         mae_pretrain.main(args)

@@ -165,7 +165,7 @@ def test_an_export_that_would_write_something_wrong_is_refused(encoder, tmp_path
         sd["model"]["blocks.0.attn.qkv.weight"][0, 0] = math.nan
         path = tmp_path / "nan.pth"
         torch.save(sd, path)
-    with pytest.raises(util.UserError) as e:
+    with pytest.raises(checkpoints.CheckpointError) as e:
         checkpoints.export(path, out, **kw)
     assert message in str(e.value)
     assert case in ("file", "full") or not out.exists()

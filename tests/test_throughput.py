@@ -17,7 +17,7 @@ import data
 import distill_pretrain as dp
 import finetune
 import util
-from conftest import TINY_DATA, error_line, run_script, run_torchrun
+from conftest import TINY_DATA, run_script, run_torchrun
 from mae_pretrain import create_mae, mae_step
 from vit import DropPath, VisionTransformer, create_vit
 
@@ -73,32 +73,13 @@ def test_an_attention_distillation_step_makes_no_host_sync():
     assert (syncs.reads, syncs.copies) == (0, [])
 
 
-def test_a_fine_tuning_step_with_mixing_erasing_and_an_ema_makes_no_host_sync():
+def test_a_fine_tuning_step_with_mixing_and_erasing_makes_no_host_sync():
     model = create_vit("vit_tiny", img_size=32, patch_size=8, num_classes=8, global_pool="avg",
                        drop_path_rate=0.1).to(META)
     mixing = finetune.build_mixing(argparse.Namespace(mixup=0.8, cutmix=1.0), 8)
     step = partial(finetune.classify_step, mixing=mixing, smoothing=0.1, reprob=1.0)
-    ema = finetune.ModelEma(model, 0.999)
     syncs = run_step(model, step, meta_batch(noise=0))
-    with syncs:
-        ema.update(model)
     assert (syncs.reads, syncs.copies) == (0, [])
-
-
-def test_the_ema_update_is_the_exponential_average_of_weights_and_buffers():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    ema = finetune.ModelEma(model, decay=0.9)
-    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    model(torch.randn(5, 3))  # moves the BatchNorm running statistics
-    ema.update(model)
-    now, got = model.state_dict(), ema.module.state_dict()
-    for k, v in got.items():
-        want = now[k] if not v.is_floating_point() else 0.9 * before[k] + 0.1 * now[k]
-        assert torch.allclose(v, want, atol=1e-6), k
 
 
 def test_evaluation_copies_only_images_and_labels_to_the_device_per_batch():
@@ -237,26 +218,6 @@ def write_jpegs(root, n=6, sizes=((160, 120), (120, 160)), quality=92):
     return paths
 
 
-def test_gpu_decode_code_on_the_cpu_gives_the_default_crop_boxes_and_nearly_the_same_pixels(tmp_path):
-    """The same per-sample seed draws the same box and flip in both paths, and both resize
-    with torch's antialiased bicubic: the pixels differ by the two decoders (PIL's and
-    torchvision's libjpeg) and the float vs uint8 resize kernels only."""
-    paths = write_jpegs(tmp_path)  # 160 x 120: no crop is twice the 64-px output, so no reduced decode
-    cpu, enc = data.DecodeCropFlip(64, (0.2, 1.0)), data.EncodeCropFlip(64, (0.2, 1.0))
-    outs, crops, boxes = [], [], []
-    for i, path in enumerate(paths):
-        torch.manual_seed(i)
-        boxes.append(cpu.params(*data.open_image(path).size))
-        torch.manual_seed(i)
-        outs.append(cpu(data.open_image(path)))
-        torch.manual_seed(i)
-        crops.append(enc(data.open_image(path)))
-    assert [(c.box, c.flip) for c in crops] == boxes
-    assert all(c.data.ndim == 1 for c in crops)  # the file's bytes, not pixels
-    diff = (torch.stack(outs).float() - data.decode_crops(crops, "cpu").float()).abs()
-    assert diff.mean() < 2 and diff.max() < 32
-
-
 def test_a_jpeg_whose_crop_is_large_is_decoded_at_a_reduced_scale(tmp_path):
     path, = write_jpegs(tmp_path, n=1, sizes=((500, 375),))
     rgb, scale = data.decode_rgb(data.open_image(path), (100, 80))  # 1/4 still gives >= 100 x 80
@@ -264,13 +225,6 @@ def test_a_jpeg_whose_crop_is_large_is_decoded_at_a_reduced_scale(tmp_path):
     # libjpeg's reduced decode is its own low-pass filter: close to a bicubic downscale
     full = data.pil_to_uint8(data.decode_rgb(data.open_image(path))[0].resize((125, 94), Image.BICUBIC))
     assert (data.pil_to_uint8(rgb).float() - full.float()).abs().mean() < 3.5
-
-
-def test_gpu_decode_without_a_gpu_is_one_line(tmp_path):
-    proc = run_script("mae_pretrain.py", *TINY_DATA, "--patch_size", "8", "--gpu_decode",
-                      "--output_dir", tmp_path / "run")
-    assert proc.returncode == 1
-    assert error_line(proc) == "error: --gpu_decode needs a CUDA device (nvJPEG); without one, leave it out"
 
 
 def test_batches_leave_the_loader_as_uint8_and_are_normalised_on_the_device(tmp_path):
@@ -297,23 +251,3 @@ def test_the_benchmark_mode_writes_throughput_flops_mfu_and_memory(tmp_path):
     assert 0.1 < report["gflops_per_image"] < 1.0
     assert report["mfu"] == pytest.approx(report["tflops_per_device"] / 1.0)
     assert not (tmp_path / "checkpoint.pth").exists()  # nothing was trained or saved
-
-
-def test_the_data_benchmark_counts_the_images_it_read_and_refuses_more_batches_than_there_are(tmp_path):
-    common = [*TINY_DATA, "--patch_size", "8", "--synthetic_samples", "64", "--batch_size", "16",
-              "--num_workers", "0"]
-    proc = run_script("mae_pretrain.py", *common, "--benchmark_data", "3", "--output_dir", tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((tmp_path / "benchmark.json").read_text())
-    assert report["mode"] == "data" and report["images"] == 3 * 16  # the first batch is not timed
-    proc = run_script("mae_pretrain.py", *common, "--benchmark_data", "4", "--output_dir", tmp_path / "b")
-    assert proc.returncode == 1
-    assert error_line(proc) == ("error: --benchmark_data 4: this process's loader has 4 batches of 16; "
-                                "give at most 3")
-
-
-def test_stages_that_augment_on_the_cpu_have_no_gpu_decode_flag(capsys):
-    for stage, positional in ((finetune, []), (__import__("analyze"), ["a.pth"])):
-        with pytest.raises(SystemExit):
-            stage.get_args_parser().parse_args([*positional, "--gpu_decode"])
-        assert "unrecognized arguments: --gpu_decode" in capsys.readouterr().err
