@@ -71,7 +71,6 @@ import hiera
 import util
 from mae_pretrain import MaskedAutoencoderViT, reconstruct, save_reconstruction_figure
 from util import print0
-from vit import VIT_PRESETS
 
 # ----------------------------------------------------------------------------
 # CKA
@@ -95,31 +94,14 @@ def hsic1(K, L):
 
 
 def linear_cka(x, y, debiased=False):
-    """Linear CKA of features x (n, p) and y (n, q) of the same n samples (float64 scalar).
-
-    ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred features. Debiased: each of the
-    three terms becomes n(n-3) HSIC_1 of the linear Gram matrices, which for centred
-    features is (r_x, r_y: the rows' squared norms, the Grams' diagonals)
-        ||Y^T X||_F^2 - n/(n-2) r_x . r_y + sum(r_x) sum(r_y) / ((n-1)(n-2))
-    (the common factor 1/(n(n-3)) cancels). When features outnumber samples, the terms
-    are computed from the n x n Gram matrices instead: ||Y^T X||_F^2 = <X X^T, Y Y^T>_F."""
-    x, y = x.double(), y.double()
-    x, y = x - x.mean(0), y - y.mean(0)
-    n, p, q = x.shape[0], x.shape[1], y.shape[1]
-    if p * q <= n * n:  # the (q, p) cross-covariance is the smaller matrix
-        xy, xx, yy = (y.T @ x).square().sum(), (x.T @ x).square().sum(), (y.T @ y).square().sum()
-    else:
-        K, L = x @ x.T, y @ y.T
-        xy, xx, yy = (K * L).sum(), K.square().sum(), L.square().sum()
+    """Linear CKA of features x (n, p) and y (n, q) of the same n samples (float64 scalar):
+    ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred features, i.e. <K, L>_F / (||K|| ||L||)
+    with the Gram matrices K = X X^T, L = Y Y^T. Debiased: each term is HSIC_1 of the Grams."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    K, L = x @ x.T, y @ y.T
     if debiased:
-        if n < 4:
-            raise ValueError(f"debiased CKA needs at least 4 samples, got {n}")
-        rx, ry = x.square().sum(1), y.square().sum(1)
-
-        def unbiased(dot, r1, r2):
-            return dot - n / (n - 2) * (r1 @ r2) + r1.sum() * r2.sum() / ((n - 1) * (n - 2))
-        xy, xx, yy = unbiased(xy, rx, ry), unbiased(xx, rx, rx), unbiased(yy, ry, ry)
-    return xy / (xx * yy).sqrt()
+        return hsic1(K, L) / (hsic1(K, K) * hsic1(L, L)).sqrt()
+    return (K * L).sum() / (K.square().sum() * L.square().sum()).sqrt()
 
 
 def gram_stack(features):
@@ -351,12 +333,12 @@ def plot_attention(path, stats, names):
 OUTPUTS = ("cka_*_vs_*.npy", "cka.png", "attention_*.npy", "attention.json", "attention.png", "reconstructions_*.png")
 
 
-def build_model(path, obj, args, model_name, heads):
+def build_model(path, obj, args, heads):
     """The encoder of checkpoint `path` (architecture from its weights), loaded and checked."""
     family = checkpoints.family(checkpoints.read_state_dict(obj, path))
-    if family == "Hiera" and (model_name or args.patch_size):
-        raise util.ConfigError(f"--{'model names a ViT preset' if model_name else 'patch_size is for ViTs'}; "
-                               f"{path} is a Hiera checkpoint (its architecture is read from the weights)")
+    if family == "Hiera" and args.patch_size:
+        raise util.ConfigError(f"--patch_size is for ViTs; {path} is a Hiera checkpoint (its architecture is read "
+                               f"from the weights)")
     cfg = checkpoints.infer_config(obj, path)
     if args.patch_size and args.patch_size != cfg["patch_size"]:
         raise util.ConfigError(f"--patch_size {args.patch_size}: {path} has {cfg['patch_size']}-px patches")
@@ -365,7 +347,7 @@ def build_model(path, obj, args, model_name, heads):
     if args.input_size is None:
         args.input_size = cfg["img_size"] or 224
         print0(f"--input_size {args.input_size} (the first checkpoint's)")
-    model, cfg = checkpoints.build_encoder(obj, str(path), args.input_size, heads=heads, preset=model_name)
+    model, cfg = checkpoints.build_encoder(obj, str(path), args.input_size, heads=heads)
     if args.reconstruct is not False and "decoder_embed_dim" in cfg and family == "Hiera":
         try:  # whole mask units must remain for the figure: checked now, not after the analysis
             hiera.check_size(args.input_size, mask_ratio_for(obj, args, 0.6))
@@ -435,10 +417,8 @@ def save_reconstructions(path, name, cfg, args, out, device):
 
 
 def data_scale(folder, out):
-    """MAE-Lite's data-scale study from its runs' log.txt files, <folder>/<student>_<images per
-    class>_s<seed>/log.txt (docs/data_scale.sh): each run's last top-1, a table of the mean and
-    range over seeds per student and size, and data_scale.png (top-1 against labelled images
-    per class on a log axis, a line per student, the seeds' range as a band)."""
+    """A data-scale study (docs/data_scale.sh) from <folder>/<student>_<images per class>_s<seed>/log.txt:
+    each run's last top-1 -> a table of the mean and range over seeds, and data_scale.png."""
     runs = {}
     for log in sorted(Path(folder).glob("*_*_s*/log.txt")):
         student, n, _ = re.fullmatch(r"(.+)_(\d+)_s(\d+)", log.parent.name).groups()
@@ -479,8 +459,6 @@ def get_args_parser():
     p.add_argument("--data_scale", metavar="FOLDER", help="instead: tabulate and plot a data-scale study's runs")
     g = p.add_argument_group("model (inferred from each checkpoint's weights unless given; "
                              "one value for all checkpoints or one per checkpoint)")
-    g.add_argument("--model", nargs="+", default=None, choices=list(VIT_PRESETS),
-                   help="a vit.py preset the weights must match (its head count is used where the file records none)")
     g.add_argument("--num_heads", nargs="+", type=int, default=None,
                    help="head count (not visible in the weights; 0 = recorded or from the width)")
     g.add_argument("--patch_size", type=int, default=None, help="the patch size the weights must have")
@@ -525,7 +503,6 @@ def main(args):
         clash = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if file_label(a) == file_label(b)]
         raise util.ConfigError(f"--names {clash[0][0]!r} and {clash[0][1]!r} give the same file label "
                                f"{file_label(clash[0][0])!r}: choose names that differ in letters or digits")
-    model_names = per_checkpoint(args.model, k, "model")
     heads = per_checkpoint(args.num_heads, k, "num_heads")
     if any(h is not None and h < 0 for h in heads):
         raise util.ConfigError(f"--num_heads must be positive (0: recorded or from the width), got {heads}")
@@ -533,15 +510,13 @@ def main(args):
     if dinfo.world_size > 1:
         raise util.ConfigError("analyze.py runs in one process: start it with python, not torchrun")
     device = dinfo.device
-
     models, cfgs = [], []  # every checkpoint is read and checked before any image is processed
-    for path, model_name, h in zip(args.checkpoints, model_names, heads):
-        model, cfg = build_model(path, checkpoints.load(path), args, model_name, h or None)
+    for path, h in zip(args.checkpoints, heads):
+        model, cfg = build_model(path, checkpoints.load(path), args, h or None)
         models.append(model.to(device))
         cfgs.append(cfg)
     loader = analysis_loader(args)
     out = util.prepare_output_dir(args, run=False)  # writable? checked before the analysis, not after
-
     pairs = [(i, j) for i in range(k) for j in range(i, k)]  # A vs A too: a model's own structure
     cka = {(i, j): MinibatchCKA(models[i].depth + 1, models[j].depth + 1) for i, j in pairs}
     attn_stats = [AttentionStats(m) for m in models]
@@ -555,7 +530,6 @@ def main(args):
             del features, attns
         for i, j in pairs:
             cka[i, j].update_grams(grams[i], grams[j])
-
     earlier = [f for pattern in OUTPUTS for f in out.glob(pattern)]
     if earlier:  # none of them left beside the new ones: a figure of a model not analysed now
         print0(f"{out}: replacing the {len(earlier)} files of an earlier analysis")
@@ -568,7 +542,6 @@ def main(args):
             print0(f"CKA {names[i]} vs {names[j]}, layer i vs layer i (1..{m.shape[0] - 1}, out): "
                    + " ".join(f"{v:.2f}" for v in np.diag(m)))
     plot_cka(out / "cka.png", results, names)
-
     report = {}
     for name, label, path, stats in zip(names, labels, args.checkpoints, attn_stats):
         dist, ent = stats.compute()
@@ -588,7 +561,6 @@ def main(args):
     (out / "attention.json").write_text(json.dumps(dict(models=report), indent=1))
     plot_attention(out / "attention.png", report, names)
     print0(f"saved {len(pairs)} CKA matrices, cka.png, attention.json and attention.png in {out}")
-
     if args.reconstruct is not False:
         del models
         for path, name, label, cfg in zip(args.checkpoints, names, labels, cfgs):

@@ -13,11 +13,10 @@ and reports every key) or `build_encoder` (a frozen ViT / Hiera with the file's 
     transformers        ViT / ViTMAE in 4.x or 5.x names (HF_NAMES), q, k, v fused
     this project        {'model': sd, 'model_config': ..., 'args': ...}; students under student.
 
-Writing (`python checkpoints.py CKPT OUT_DIR`): a transformers save_pretrained directory whose
-class the checkpoint picks: a decoder -> ViTMAEForPreTraining, a head -> ViTForImageClassification,
-neither -> ViTModel; config.json says layer_norm_eps 1e-6 and exact gelu. What transformers would
-compute otherwise is refused: a mean-pooled or linear-probe head, TinyMIM's adaptive last block,
-relative position bias tables, a D²-MAE decoder (block 8).
+Writing (`python checkpoints.py CKPT OUT_DIR`): a transformers save_pretrained directory, a decoder ->
+ViTMAEForPreTraining, a head -> ViTForImageClassification, neither -> ViTModel (layer_norm_eps 1e-6,
+exact gelu); what transformers would compute otherwise is refused (a mean-pooled or linear-probe
+head, TinyMIM's adaptive last block, relative position bias tables, a D²-MAE decoder).
 """
 import argparse
 import errno
@@ -42,16 +41,14 @@ class CheckpointError(ValueError):
 
 
 def disk_error(e, folder="."):
-    """Why a write failed, in words: 'no space left on the device' when that is the cause
-    (torch's writer says only 'unexpected pos', with no errno: then the disk is looked at)."""
+    """Why a write failed: 'no space left on the device' also when torch's writer says 'unexpected pos'."""
     full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or \
         isinstance(e, RuntimeError) and os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20
     why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
     return "no space left on the device" if full else why
 
 
-def print0(*args):
-    """print on rank 0 of a torchrun job only (this file imports nothing of the project's)."""
+def print0(*args):  # print on rank 0 of a torchrun job only (util's print0 is not imported here)
     if os.environ.get("RANK", "0") == "0":
         print(*args, flush=True)
 
@@ -91,7 +88,8 @@ def load_checkpoint(path):
     because MAE's own training checkpoints store one."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: {'is a folder: give the checkpoint file in it' if path.is_dir() else 'no such file'}")
+        why = "is a folder: give the checkpoint file in it" if path.is_dir() else "no such file"
+        raise CheckpointError(f"{path}: {why}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

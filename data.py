@@ -19,12 +19,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
-    """Data that cannot be used as given (one line for the user; this file imports nothing of
-    the project's, so it can be copied alone)."""
+    """Data that cannot be used as given: one line for the user."""
 
 
-def print0(*args):
-    """print on rank 0 of a torchrun job only."""
+def print0(*args):  # print on rank 0 of a torchrun job only
     if os.environ.get("RANK", "0") == "0":
         print(*args, flush=True)
 
@@ -57,23 +55,16 @@ class SyntheticShapes(Dataset):
     @staticmethod
     def level(label, u, v):
         """< 1 inside the shape, in the shape's own coordinates (u, v)."""
-        au, av = u.abs(), v.abs()
-        if label == 0:
-            return (u * u + v * v).sqrt()
-        if label == 1:
-            return torch.maximum(au, av) / 0.8
-        if label == 2:
-            return torch.maximum(2 * v, 1.732 * au - v)
-        if label == 3:
-            return ((u * u + v * v).sqrt() - 0.72).abs() / 0.28
-        if label == 4:
-            return torch.minimum(torch.maximum(au / 0.3, av), torch.maximum(au, av / 0.3))
-        if label == 5:
-            return au + av
-        if label == 6:
-            return torch.maximum(au, av / 0.35)
-        d, e = (u + v).abs() / 1.414, (u - v).abs() / 1.414  # the cross turned by 45 degrees
-        return torch.minimum(torch.maximum(d / 0.25, e), torch.maximum(d, e / 0.25))
+        au, av, r = u.abs(), v.abs(), (u * u + v * v).sqrt()
+        d, e = (u + v).abs() / 1.414, (u - v).abs() / 1.414  # a cross turned by 45 degrees
+        return (lambda: r,  # disk
+                lambda: torch.maximum(au, av) / 0.8,  # square
+                lambda: torch.maximum(2 * v, 1.732 * au - v),  # triangle
+                lambda: (r - 0.72).abs() / 0.28,  # ring
+                lambda: torch.minimum(torch.maximum(au / 0.3, av), torch.maximum(au, av / 0.3)),  # cross
+                lambda: au + av,  # diamond
+                lambda: torch.maximum(au, av / 0.35),  # bar
+                lambda: torch.minimum(torch.maximum(d / 0.25, e), torch.maximum(d, e / 0.25)))[label]()  # x
 
     @staticmethod
     def hsv(h, s, v):
@@ -112,16 +103,11 @@ class SyntheticShapes(Dataset):
 
 
 def build_dataset(args, train, transform=None):
-    """The dataset named by --dataset / --data_path for the train or val split.
-
-    'auto': an ImageFolder root if --data_path is given (ImageNet layout: train/ and
-    val/ with one folder per class), else the built-in synthetic data.
-    'cifar10' / 'cifar100' and the downstream sets of DOWNSTREAM: torchvision's, stored
-    under --data_path (default ./data), fetched only with --download. A corrupt image in
-    an ImageFolder stops the run with CorruptImageError naming the file (it is not
-    skipped: every run must see the same images, and evaluation must count each one).
-    Returns (dataset, class names).
-    """
+    """The train or val split named by --dataset / --data_path -> (dataset, class names). 'auto':
+    an ImageFolder root if --data_path is given (train/ and val/, one folder per class), else
+    the built-in data; 'cifar10' / 'cifar100' / DOWNSTREAM: torchvision's, under --data_path
+    (./data), fetched only with --download. A corrupt image stops the run naming the file (it is
+    not skipped: every run must see the same images, and evaluation must count each one)."""
     from torchvision import datasets
     name = args.dataset
     if name == "auto":
@@ -186,10 +172,8 @@ def build_dataset(args, train, transform=None):
                     f"cifar10, cifar100, {', '.join(DOWNSTREAM)}")
 
 
-# Downstream classification sets (MAE-Lite's transfer study): torchvision class, the
-# splits trained on, the split evaluated on, whether torchvision needs scipy to read the
-# labels (.mat files). Flowers102 trains on train+val (1020 + 1020
-# images) and tests on its 6149 test images, as MAE-Lite and most transfer studies do.
+# Downstream sets (MAE-Lite's transfer study): torchvision class, the splits trained on, the split
+# evaluated on, whether scipy reads the labels (.mat). Flowers102 trains on train+val, as MAE-Lite.
 DOWNSTREAM = {
     "flowers102": ("Flowers102", ("train", "val"), "test", True),  # 102 classes
     "pets": ("OxfordIIITPet", ("trainval",), "test", False),  # 37 breeds, 3680 / 3669
@@ -199,13 +183,10 @@ DOWNSTREAM = {
 
 
 def list_images_once(directory, class_to_idx, is_valid):
-    """ImageFolder's listing (sorted folders, sorted names, symlinks followed: a subset can
-    be a folder of links) that enters each real folder once, and never the split's root or
-    another class's folder from inside a class. A link back up the tree would list the same
-    images again and again: one `train/cat/loop -> ..` made 40 images 1640. Two class folders
-    that are one real folder (`train/c -> a`) would give its images two labels: refused.
-    Returns (samples [(path, class index)], the symlinked folders skipped, the files skipped
-    as not images)."""
+    """ImageFolder's listing (sorted, symlinks followed: a subset can be a folder of links) that
+    enters each real folder once (a `train/cat/loop -> ..` made 40 images 1640) and refuses two
+    class folders that are one (`train/c -> a`: two labels for its images). -> (samples [(path,
+    class index)], the symlinked folders skipped, the files skipped as not images)."""
     real = os.path.realpath
     folders = {}
     for c in sorted(class_to_idx):
@@ -285,8 +266,9 @@ def decode_rgb(img, min_size=None):
     (image, (sx, sy)): original pixels per decoded pixel."""
     size = img.size
     if img.mode in ("I", "F"):  # PIL's RGB conversion clips these at 255: all white or black
-        raise CorruptImageError(f"{getattr(img, 'filename', '') or 'an image'}: 32-bit {'integer' if img.mode == 'I' else 'float'} "
-                                f"pixels (PIL mode {img.mode}) have no fixed range to scale to 8 bits; save it with 8 or 16 bits")
+        kind = "integer" if img.mode == "I" else "float"
+        raise CorruptImageError(f"{getattr(img, 'filename', '') or 'an image'}: 32-bit {kind} pixels (PIL mode "
+                                f"{img.mode}) have no fixed range to scale to 8 bits; save it with 8 or 16 bits")
     try:
         if min_size is not None and getattr(img, "format", None) == "JPEG":
             img.draft("RGB", (max(1, math.ceil(min_size[0])), max(1, math.ceil(min_size[1]))))

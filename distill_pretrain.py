@@ -114,12 +114,6 @@ def relation_terms(student, teacher):
             kl(log_relation(sv, sv), log_relation(tv, tv)))
 
 
-def relation_loss(student, teacher):
-    """TinyMIM's relation distillation loss: Q-K KL + V-V KL (see relation_terms) -> scalar."""
-    qk, vv = relation_terms(student, teacher)
-    return qk + vv
-
-
 class AttentionDistillLoss(nn.Module):
     """MAE-Lite's attention distillation with a learned mixing over heads.
 
@@ -663,7 +657,6 @@ def main(args):
                  else data.pretrain_transform(args.input_size, args.min_crop_scale))
     dataset, _ = data.build_dataset(args, train=True, transform=transform)
     loader = data.build_train_loader(dataset, args, dinfo, noise=noise)
-
     teacher = build_teacher(args, student_patch(args), device)  # a teacher that does not fit stops here
     teacher_id = checkpoints.fingerprint(teacher.state_dict())
     student_depth = sum(hiera.MAE_HIERA_PRESETS[args.model]["stages"]) if args.model in hiera.MAE_HIERA_PRESETS \
@@ -679,22 +672,18 @@ def main(args):
            + (f" <- student block(s) {args.student_layers}" if args.method == "amd" else "")
            + (f" <- attention-only block {student_depth + 1}; pixels decoded from block {args.decode_layer}"
               if args.method == "d2" else ""))
-    util.announce(args, len(dataset), len(loader) // args.accum_iter)
-
-    util.effective_lr(args, dinfo.world_size)
+    util.announce(args, dinfo.world_size, len(dataset), len(loader) // args.accum_iter)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
     autocast, scaler = util.amp_setup(args.precision, device)
     cast_for_autocast(teacher, autocast)
     start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
     if ckpt is not None and ckpt.get("teacher_fingerprint", teacher_id) != teacher_id:
-        raise util.ConfigError(f"--teacher {args.teacher} is not the teacher this run was distilled from (other "
-                               f"weights: fingerprint {teacher_id}, the run's {ckpt['teacher_fingerprint']}): resume "
-                               f"with that teacher, or start a new run in another --output_dir")
+        raise util.ConfigError(f"--teacher {args.teacher} is not the teacher this run was distilled from (other weights: "
+                               f"fingerprint {teacher_id}, not {ckpt['teacher_fingerprint']}): resume with that one")
     net = util.wrap_model(model, dinfo, args)  # the teacher stays outside DDP: an argument of forward
     step = partial(two_view_step if two_views else masked_step, teacher=teacher)
     if util.benchmark(args, net, loader, optimizer, step, device, autocast, scaler):
         return
-
     for epoch in range(start_epoch, args.epochs):
         stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
         util.end_epoch(args, model, optimizer, scaler, epoch, stats, extra={"teacher_fingerprint": teacher_id})

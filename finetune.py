@@ -265,11 +265,6 @@ def evaluate(model, loader, device, autocast=nullcontext, num_classes=1000):
             "correct1": int(c1), "correct5": int(ck), "images": int(n)}
 
 
-def format_eval(s):
-    return (f"* Acc@1 {s['acc1']:.3f} Acc@{s['top_k']} {s['acc5']:.3f} loss {s['loss']:.4f} "
-            f"({s['correct1']} and {s['correct5']} of {s['images']} images)")
-
-
 # ----------------------------------------------------------------------------
 # Data: augmentation, the validation loader, labelled subsets
 
@@ -488,7 +483,6 @@ def main(args):
             print0(f"--train_subset {args.train_subset:g}: {len(train_set)} of the {full} training images, "
                    f"{each} per class, drawn with --seed {args.seed}")
         loader = data.build_train_loader(train_set, args, dinfo)
-
     source = (args.resume or args.finetune) if args.eval else args.finetune
     obj = checkpoints.load(source) if source else None  # read once, before the model is built
     lbh = (checkpoints.infer_config(obj, source).get("last_block_heads")
@@ -511,7 +505,8 @@ def main(args):
     if args.eval:
         load_classifier(model, obj, source, classes)
         stats = evaluate(model.to(device), val_loader, device, autocast, len(classes))
-        print0(format_eval(stats))
+        print0(f"* Acc@1 {stats['acc1']:.3f} Acc@{stats['top_k']} {stats['acc5']:.3f} loss {stats['loss']:.4f} "
+               f"({stats['correct1']} and {stats['correct5']} of {stats['images']} images)")
         return stats
     if args.finetune:
         load_backbone(model, obj, args.finetune, args)
@@ -521,9 +516,7 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{args.model}{' (linear probe)' if args.linprobe else ''}: {n_params / 1e6:.3f}M trainable "
            f"parameters, {len(classes)} classes, {len(val_set)} validation images")
-    util.announce(args, len(train_set), len(loader) // args.accum_iter)
-
-    util.effective_lr(args, dinfo.world_size)
+    util.announce(args, dinfo.world_size, len(train_set), len(loader) // args.accum_iter)
     optimizer = build_optimizer(model, args, device)
     fixed = FIXED_ON_RESUME + (("seed",) if args.train_subset else ())  # the seed drew the subset
     start_epoch, ckpt = util.resume_checkpoint(args, model, optimizer, scaler, fixed=fixed)
@@ -531,7 +524,6 @@ def main(args):
         check_classes(ckpt.get("class_names"), classes, f"{args.resume or Path(args.output_dir) / 'checkpoint.pth'}: "
                       f"was trained on other classes than this data's")
     best = ckpt.get("best_acc1") if start_epoch > 0 else None  # the best top-1 so far (None: not evaluated)
-
     net = util.wrap_model(model, dinfo, args)
     step = partial(classify_step, mixing=build_mixing(args, len(classes)), smoothing=args.smoothing, reprob=args.reprob)
     if util.benchmark(args, net, loader, optimizer, step, device, autocast, scaler):
@@ -555,6 +547,7 @@ def main(args):
                     "args": util.plain_args(args), "model_config": model.config})
             util.end_epoch(args, model, optimizer, scaler, epoch, stats, log, {"best_acc1": best, **extra},
                            result or f"not evaluated (--eval_freq {args.eval_freq})  ")
+
 
 if __name__ == "__main__":
     util.run_main(main, get_args_parser())

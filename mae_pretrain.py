@@ -336,7 +336,6 @@ def main(args):
     dataset, _ = data.build_dataset(args, train=True, transform=transform)
     vis_imgs = data.eval_images(args) if dinfo.is_main else None  # fail now, not after training
     loader = data.build_train_loader(dataset, args, dinfo, noise=units)
-
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = create_mae(args.model, img_size=args.input_size, patch_size=args.patch_size, num_heads=args.num_heads,
                        decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
@@ -344,9 +343,7 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{args.model}: {n_params / 1e6:.2f}M trainable parameters, {units} "
            f"{'mask units' if isinstance(model, hiera.Hiera) else 'patches'}, {int(units * (1 - args.mask_ratio))} kept")
-    util.announce(args, len(dataset), len(loader) // args.accum_iter)
-
-    util.effective_lr(args, dinfo.world_size)
+    util.announce(args, dinfo.world_size, len(dataset), len(loader) // args.accum_iter)
     optimizer = util.make_adamw(util.param_groups(model, args.weight_decay), args.lr, (0.9, 0.95), device)
     autocast, scaler = util.amp_setup(args.precision, device)
     start_epoch, _ = util.resume_checkpoint(args, model, optimizer, scaler, fixed=FIXED_ON_RESUME)
@@ -354,11 +351,9 @@ def main(args):
     step = partial(mae_step, mask_ratio=args.mask_ratio, norm_pix=args.norm_pix_loss)
     if util.benchmark(args, net, loader, optimizer, step, device, autocast, scaler):
         return
-
     for epoch in range(start_epoch, args.epochs):
         stats = util.train_one_epoch(net, loader, optimizer, epoch, args, step, device, autocast, scaler)
         util.end_epoch(args, model, optimizer, scaler, epoch, stats)
-
     if dinfo.is_main:
         model.eval()
         imgs = vis_imgs.to(device)

@@ -53,18 +53,16 @@ def terminate(signum, frame):
     raise Terminated()
 
 
-# The modules a reader copies alone import nothing of ours: the ValueErrors they define
-# (data.DataError, checkpoints.CheckpointError) or that vit.py / hiera.py raise are the user's.
+# The ValueErrors that the modules copied alone define (DataError, CheckpointError) or raise (vit, hiera).
 COPYABLE = ("vit", "hiera", "data", "checkpoints")
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words
 _STATE = {"ending": False, "saving": False, "args": None}  # also read by watch_signals' thread
 
 
 def run_main(main, parser):
-    """Parse arguments and run `main(args)`, ending in one line for what the user can fix:
-    a UserError or a copyable module's ValueError (exit 1), a full or read-only disk (1),
-    Ctrl-C (130) or SIGTERM (143), a peer process that stopped (1). Anything else is a bug and
-    keeps its traceback. Under torchrun a line every rank would print alike is rank 0's only."""
+    """Run `main(args)`, ending in one line for what the user can fix: a UserError or a copyable
+    module's ValueError, a full or read-only disk, a peer that stopped (exit 1), Ctrl-C (130), SIGTERM
+    (143); a bug keeps its traceback. A line every torchrun rank would print alike is rank 0's."""
     args = _STATE["args"] = parser.parse_args()
     signal.signal(signal.SIGTERM, terminate)
     code = 0
@@ -102,9 +100,8 @@ def run_main(main, parser):
 
 
 def finish(code):
-    """End the process with `code`. With a process group: destroy it, flush, os._exit. torch
-    keeps the gloo group alive past destroy_process_group when torch._dynamo was imported after
-    init, and its threads abort the interpreter's teardown (SIGABRT) on a busy machine."""
+    """Exit with `code`; with a process group: destroy it, flush, os._exit (torch keeps the gloo
+    group alive past destroy_process_group, and its threads abort the teardown: SIGABRT)."""
     if dist.is_initialized():
         dist.destroy_process_group()
         sys.stdout.flush()
@@ -131,20 +128,19 @@ class DistInfo:
 
 
 def init_distributed(device="auto", timeout_min=10.0):
-    """Set up from torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
-    (checked), or one process without them. device: 'auto' (CUDA if available), 'cuda' or
-    'cpu'. timeout_min: how long the rendezvous and each collective wait for the others."""
+    """From torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (checked), or one process
+    without them. device: auto / cuda / cpu; timeout_min: each wait for the other processes."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     env = {k: os.environ.get(k, "") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    bad = [f"{k}={v!r} is not a whole number" for k, v in env.items() if k != "MASTER_ADDR" and v and not v.isdigit()]
     rank, world, local = (int(env[k]) if env[k].isdigit() else d for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
                                                                              ("LOCAL_RANK", 0)))
     unset = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if world > 1 and not env[k]]
+    bad = [f"{k}={v!r} is not a whole number" for k, v in env.items() if k != "MASTER_ADDR" and v and not v.isdigit()]
     bad += [f"WORLD_SIZE is {world} but {', '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set"] * bool(unset)
-    bad += [f"RANK {rank} is not below WORLD_SIZE {world}"] * (not bad and rank >= world)
+    bad += [f"RANK {rank} is not below WORLD_SIZE {world}"] * (rank >= world)
     if bad:
         raise ConfigError(f"the environment says a distributed run, but {bad[0]}: start it with torchrun, "
                           f"or unset RANK and WORLD_SIZE for one process")
@@ -154,7 +150,8 @@ def init_distributed(device="auto", timeout_min=10.0):
     if world > 1 and not dist.is_initialized():
         watch_signals()
         try:
-            dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+            dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=timeout_min))
         except dist.DistError as e:
             raise ConfigError(f"rank {rank} of {world} could not join the others at {env['MASTER_ADDR']}:"
                               f"{env['MASTER_PORT']} within --dist_timeout {timeout_min:g} min "
@@ -163,10 +160,9 @@ def init_distributed(device="auto", timeout_min=10.0):
 
 
 def watch_signals(grace_s=10.0):
-    """Ctrl-C and SIGTERM raise in the main thread only when it runs Python: a process waiting
-    in torch's C++ for a peer (the rendezvous, a collective) would ignore them until the
-    timeout. A thread woken by the signal (set_wakeup_fd) ends such a process after `grace_s`
-    (or after a checkpoint being saved) with the usual line and status."""
+    """Ctrl-C and SIGTERM act when the main thread runs Python, not while it waits in torch's C++
+    for a peer (the rendezvous, a collective): a thread woken by the signal (set_wakeup_fd) ends
+    such a process after `grace_s` (or a checkpoint being saved) with the usual line and status."""
     if os.name == "nt":  # set_wakeup_fd takes a socket there; the timeout ends the wait
         return
     r, w = os.pipe()
@@ -235,12 +231,10 @@ _LOCKS = {}  # output folder -> the open lock file this process holds
 
 
 def prepare_output_dir(args, run=True):
-    """Before any work: --output_dir must be a writable directory (checked by writing to it).
-    For a training run (`run`), rank 0 also locks <output_dir>/.lock (flock, or msvcrt on
-    Windows: the OS releases it when the process ends, kill -9 included), refuses a folder
-    holding another run than the one resumed (any checkpoint*.pth or log.txt; --resume may
-    roll back to a kept checkpoint-N.pth of the folder's own run), and removes temp files a
-    killed save left."""
+    """--output_dir must be a writable folder. A training run's rank 0 also locks <output_dir>/.lock
+    (flock, msvcrt on Windows: released when the process ends, kill -9 included), refuses a folder
+    holding another run (any checkpoint*.pth or log.txt; --resume may roll back to a kept
+    checkpoint-N.pth of the folder's own run) and removes the temp files of a killed save."""
     out = Path(args.output_dir)
     if not str(args.output_dir).strip() or out.is_file():
         raise ConfigError(f"--output_dir {out} is a file, not a folder: choose another --output_dir"
@@ -297,10 +291,9 @@ def plain_args(args):
 
 
 def write_atomic(path, write, error=ConfigError, kept=False):
-    """write(f) into a temp file beside `path`, fsync, rename over `path`: a kill at any moment
-    leaves the old complete file or the new one, with the umask's permissions. A failed write
-    (a full disk: torch's writer raises RuntimeError, the OS an OSError) is a one-line `error`
-    naming the file (and, with `kept`, whether the previous one is intact); no temp file stays."""
+    """write(f) into a temp file beside `path`, fsync, rename over `path` (the umask's mode): a kill
+    leaves the old file or the new one. A failed write (a full disk: torch's writer raises a
+    RuntimeError, the OS an OSError) is a one-line `error` naming the file; no temp file stays."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
@@ -372,9 +365,8 @@ STAGES = (("teacher", "distill_pretrain.py"), ("layer_decay", "finetune.py"), ("
 
 
 def check_resumed_args(args, saved, path, fixed):
-    """A resumed run must come from the same stage and keep what defines the model and the
-    method (`fixed` flags): refuse with one line. Other changes (batch size, lr, epochs,
-    weight decay) are allowed, listed, and apply from here on."""
+    """A resumed run must come from the same stage and keep what defines the model and the method
+    (`fixed` flags): refuse in one line. Other changes are listed and apply from here on."""
     where = "" if args.resume else f" (found in --output_dir {args.output_dir})"
     new = plain_args(args)
     theirs, ours = (next((s for flag, s in STAGES if flag in a), None) for a in (saved, new))
@@ -393,7 +385,8 @@ def check_resumed_args(args, saved, path, fixed):
         raise ConfigError(f"{path}{where} was trained with --{flag} {was}, this run has --{flag} {now}: a resumed "
                           f"run must keep the flags that define the model and the method (use another "
                           f"--output_dir for a new run)")
-    changed = [f"--{k} {saved[k]} -> {v}" for k, v in new.items() if k in saved and k != "resume" and not same(k, saved[k], v)]
+    changed = [f"--{k} {saved[k]} -> {v}" for k, v in new.items() if k in saved and k != "resume"
+               and not same(k, saved[k], v)]
     if changed:
         print0(f"resuming {path}{where} with changed flags: {', '.join(changed)}")
     if saved.get("epochs") != args.epochs and "lr" in saved:
@@ -404,11 +397,10 @@ def check_resumed_args(args, saved, path, fixed):
 
 
 def resume_checkpoint(args, model, optimizer, scaler=None, fixed=FIXED_ON_RESUME):
-    """Restore a run from --resume, or from <output_dir>/checkpoint.pth when it exists (a
-    requeued job continues with the same command). The optimizer keeps its moments and takes
-    this run's settings (weight decay, layer-decay scales); log.txt is rewritten from the
-    checkpoint, one line per finished epoch. Returns (first epoch to run, the checkpoint or
-    None) so a stage can restore entries of its own (a best score, a teacher's fingerprint)."""
+    """Restore a run from --resume, or from <output_dir>/checkpoint.pth when it exists (a requeued
+    job continues with the same command); the optimizer keeps its moments and takes this run's
+    settings (weight decay, layer-decay scales); log.txt is rewritten from the checkpoint.
+    -> (first epoch to run, the checkpoint or None: a stage restores its own entries)."""
     path = args.resume or (Path(args.output_dir) / "checkpoint.pth")
     args._args_history, args._log = [], []
     if not args.resume and not Path(path).is_file():
@@ -456,10 +448,9 @@ def last_good(args):
 
 
 def end_epoch(args, model, optimizer, scaler, epoch, stats, log=None, extra=None, result=""):
-    """After an epoch, as one step Ctrl-C cannot split: rank 0 writes checkpoint.pth (the run's
-    flags in 'args', those of every start in 'args_history', the lines of log.txt in 'log',
-    `extra` entries), every --save_every epochs a kept checkpoint-<epoch>.pth, then log.txt
-    with this epoch's line (the train `stats` and `log`); every rank prints one line."""
+    """After an epoch, one step Ctrl-C cannot split: rank 0 writes checkpoint.pth ('args': the flags,
+    'args_history': those of every start, 'log': log.txt's lines, `extra`), every --save_every
+    epochs a kept copy, then log.txt with this epoch's line (the train `stats` and `log`)."""
     args._log = [*getattr(args, "_log", []), {**{f"train_{k}": v for k, v in stats.items()}, **(log or {}),
                                               "epoch": epoch}]
     with uninterrupted():
@@ -531,8 +522,11 @@ def make_adamw(groups, lr, betas, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
-def effective_lr(args, world_size):
-    """lr = blr * effective batch / 256 unless --lr is given (MAE's scaling rule)."""
+def announce(args, world_size, images, steps):
+    """Before the first step, say what will happen: the data, the schedule, the output folder, the
+    effective batch and lr = blr x effective batch / 256 unless --lr is given (MAE's rule, set in
+    args); a real run's schedule on the built-in toy data (a forgotten --data_path) is named."""
+    toy = args.dataset == "synthetic" or args.dataset == "auto" and not args.data_path
     eff = args.batch_size * args.accum_iter * world_size
     args.lr = args.blr * eff / 256 if args.lr is None else args.lr
     if args.lr > 1e37:  # float32's range, which the optimizer computes in
@@ -540,19 +534,12 @@ def effective_lr(args, world_size):
     if args.min_lr > args.lr:
         raise ConfigError(f"--min_lr {args.min_lr:g} exceeds the lr {args.lr:g}: the cosine schedule "
                           f"would rise instead of decay")
-    print0(f"effective batch {eff} = {args.batch_size} per process x {args.accum_iter} "
-           f"accumulation x {world_size} processes; base lr {args.blr:.3g}, lr {args.lr:.3g}")
-    return args.lr
-
-
-def announce(args, images, steps):
-    """The first lines of a training run: its data, schedule and output folder; a real run's
-    schedule on the built-in toy data is said to be one (a forgotten --data_path)."""
-    toy = args.dataset == "synthetic" or args.dataset == "auto" and not args.data_path
     print0(f"data: the built-in synthetic data, {images} images (pass --data_path for real images)" if toy else
            f"data: {args.data_path or './data'} ({args.dataset}), {images} training images")
     print0(f"schedule: {args.epochs} epochs of {steps} steps, {args.warmup_epochs:g} of them warm-up; "
            f"checkpoint.pth and log.txt go to {args.output_dir}")
+    print0(f"effective batch {eff} = {args.batch_size} per process x {args.accum_iter} "
+           f"accumulation x {world_size} processes; base lr {args.blr:.3g}, lr {args.lr:.3g}")
     if toy and args.epochs >= 100:
         print0(f"note: {args.epochs} epochs is a real run's schedule, here on {images} toy images: "
                f"give --data_path (ImageNet), or fewer --epochs for a try")
@@ -659,8 +646,7 @@ def check_common_args(args, ranges=None):
 
 
 def peak_memory_mb(device):
-    """Peak CUDA memory allocated by tensors, or the process's peak RSS on CPU (0 on Windows,
-    which has no `resource` module)."""
+    """Peak CUDA memory allocated by tensors, or the process's peak RSS on CPU (0 on Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     try:

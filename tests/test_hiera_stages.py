@@ -402,11 +402,11 @@ def test_analysis_of_hiera_checkpoints_and_a_vit_writes_cka_attention_and_recons
     assert not (out / "reconstructions_vit.png").exists()
 
 
-def test_a_vit_preset_or_reconstructions_for_a_hiera_without_decoder_are_refused(tmp_path):
+def test_a_vit_patch_size_or_reconstructions_for_a_hiera_without_decoder_are_refused(tmp_path):
     clf = create_hiera("hiera_lite_tiny", img_size=IMG, num_classes=8)
     path = save(tmp_path / "hiera_clf.pth", {"model_state": clf.state_dict()})
-    with pytest.raises(util.ConfigError, match="--model names a ViT preset; .*hiera_clf.pth is a Hiera"):
-        analyze.main(analyze_args(path, "--model", "vit_tiny", "--output_dir", tmp_path / "a"))
+    with pytest.raises(util.ConfigError, match="--patch_size is for ViTs; .*hiera_clf.pth is a Hiera"):
+        analyze.main(analyze_args(path, "--patch_size", "16", "--output_dir", tmp_path / "a"))
     with pytest.raises(util.CheckpointError, match=r"hiera_clf.pth: has no MAE decoder .*so it cannot reconstruct images: .*"
                                                     r"an official mae_hiera_\*_224 file"):
         analyze.main(analyze_args(path, "--reconstruct", "--output_dir", tmp_path / "b"))

@@ -16,6 +16,7 @@ from PIL import Image
 import analyze
 import checkpoints
 import data
+import distill_pretrain
 import finetune
 import hiera
 import mae_pretrain
@@ -346,3 +347,16 @@ def test_the_cards_command_needs_only_the_teacher_and_runs_mae_lites_d_mae(tmp_p
     # MAE-Lite's recipe: crop scale 0.08, mask 0.75, warmup 40 of 400 epochs (here 0.1 of 1)
     assert (args["method"], args["warmup_epochs"], args["min_crop_scale"], args["mask_ratio"]) == ("attn", 0.1, 0.08, 0.75)
     assert {"train_pixel", "train_attn"} <= json.loads((tmp_path / "run" / "log.txt").read_text()).keys()
+    before_training = proc.stdout.split("epoch 0:")[0]  # the first lines say what will happen
+    for line in ("data: the built-in synthetic data, 64 images (pass --data_path for real images)",
+                 f"schedule: 1 epochs of 4 steps, 0.1 of them warm-up; checkpoint.pth and log.txt go to {tmp_path / 'run'}",
+                 "effective batch 16 = 16 per process x 1 accumulation x 1 processes", "--method attn: student vit_tiny"):
+        assert line in before_training, line
+
+
+def test_a_real_runs_schedule_on_the_built_in_data_says_so_before_training(capsys):
+    args = parse(distill_pretrain, "--teacher", "t.pth")  # no --epochs, no --data_path
+    distill_pretrain.check_args(args)  # MAE-Lite's 400 epochs
+    util.announce(args, 1, 64, 4)
+    assert ("note: 400 epochs is a real run's schedule, here on 64 toy images: give --data_path (ImageNet), "
+            "or fewer --epochs for a try") in capsys.readouterr().out
