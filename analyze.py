@@ -438,6 +438,7 @@ def data_scale(folder, out):
         line, = ax.plot(n, [np.mean(r[k]) for k in n], "-o", ms=3, label=student)
         ax.fill_between(n, [min(r[k]) for k in n], [max(r[k]) for k in n], color=line.get_color(), alpha=0.2, lw=0)
     ax.set(xscale="log", xlabel="labelled images per class", ylabel="top-1 (%), mean and range over seeds")
+    ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(Path(out) / "data_scale.png", dpi=110)

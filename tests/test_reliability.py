@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,16 +197,11 @@ def test_rolling_back_to_a_kept_checkpoint_continues_with_one_log_line_per_epoch
 # -- one line for every failure ------------------------------------------------------------------
 
 
-def shutil_usage(total, used, free):
-    import shutil
-    return shutil._ntuple_diskusage(total, used, free)
-
-
 def test_a_full_disk_under_torchs_writer_is_named_as_such(tmp_path, monkeypatch):
     def full(obj, f):
         raise RuntimeError("[enforce fail at inline_container.cc:783] . unexpected pos 64 vs 0")
     monkeypatch.setattr(util.torch, "save", full)
-    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: shutil_usage(100, 100, 0))
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: SimpleNamespace(total=100, used=100, free=0))
     with pytest.raises(checkpoints.CheckpointError, match=r"\(no space left on the device\); nothing was saved"):
         util.save_checkpoint(tmp_path / "checkpoint.pth", {"epoch": 0})
 

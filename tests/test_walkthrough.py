@@ -41,4 +41,4 @@ def test_every_block_of_the_walkthrough_runs_in_order_and_prints_what_the_page_s
             assert same_output(printed.getvalue(), expected), f"block {i} printed:\n{printed.getvalue()}"
     finally:
         torch.set_num_threads(threads)
-    assert i == 7 and (tmp_path / "walkthrough_reconstructions.png").exists() and (tmp_path / "walkthrough_cka.png").exists()
+    assert i == 7 and all((tmp_path / f"walkthrough_{name}.png").exists() for name in ("masked", "reconstructions", "cka"))
