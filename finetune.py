@@ -119,7 +119,7 @@ def load_classifier(model, obj, path, classes):
                                    f"fine-tune it first: --finetune without --eval")
     check_classes(obj.get("class_names") if isinstance(obj, dict) else None, classes,
                   f"{path}: was trained on other classes than this data's")
-    if ("head.1.weight" in sd) != isinstance(model.head, nn.Sequential):  # MAE's probe: BatchNorm1d + Linear
+    if ("head.1.weight" in sd) != isinstance(getattr(model.head, "0", None), nn.BatchNorm1d):  # MAE's probe
         raise util.CheckpointError(f"{path}: {'is' if 'head.1.weight' in sd else 'is not'} a linear probe "
                                    f"(BatchNorm1d + Linear head): {'add' if 'head.1.weight' in sd else 'drop'} --linprobe")
     if cfg.get("img_size") and cfg["img_size"] != model.config.get("img_size"):

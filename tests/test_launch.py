@@ -59,7 +59,10 @@ def test_with_cuda_each_process_takes_the_gpu_of_its_local_rank_and_nccl(monkeyp
     calls = []
     monkeypatch.setattr(util.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(util.torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
-    monkeypatch.setattr(util.dist, "init_process_group", lambda backend: calls.append(("group", backend)))
+    monkeypatch.setattr(util.dist, "init_process_group", lambda backend, **kw: calls.append(("group", backend)))
+    monkeypatch.setattr(util, "watch_signals", lambda: None)  # no thread left behind in the test process
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("RANK", "11")
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_RANK", "3")
