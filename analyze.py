@@ -421,10 +421,10 @@ def data_scale(folder, out):
     each run's last top-1 -> a table of the mean and range over seeds, and data_scale.png."""
     runs = {}
     for log in sorted(Path(folder).glob("*_*_s*/log.txt")):
-        student, n, _ = re.fullmatch(r"(.+)_(\d+)_s(\d+)", log.parent.name).groups()
-        last = json.loads(log.read_text().splitlines()[-1])
+        m, lines = re.fullmatch(r"(.+)_(\d+)_s\d+", log.parent.name), log.read_text().splitlines()
+        last = json.loads(lines[-1]) if m and lines else {}  # a run not evaluated yet has no test_acc1
         if "test_acc1" in last:
-            runs.setdefault(student, {}).setdefault(int(n), []).append(last["test_acc1"])
+            runs.setdefault(m[1], {}).setdefault(int(m[2]), []).append(last["test_acc1"])
     if not runs:
         raise util.ConfigError(f"--data_scale {folder}: no <student>_<n>_s<seed>/log.txt with an evaluation")
     sizes = sorted({n for r in runs.values() for n in r})
@@ -487,8 +487,8 @@ def get_args_parser():
 
 def main(args):
     if args.data_scale or not args.checkpoints:
-        if not args.data_scale:
-            raise util.ConfigError("give one or more checkpoints to analyse (or --data_scale FOLDER)")
+        if bool(args.data_scale) == bool(args.checkpoints):
+            raise util.ConfigError("give one or more checkpoints to analyse, or --data_scale FOLDER (not both)")
         return data_scale(args.data_scale, util.prepare_output_dir(args, run=False))
     util.check_ranges(args, {k: util.FLAG_RANGES[k] for k in (
         "mask_ratio", "input_size", "patch_size", "synthetic_samples", "num_workers")})

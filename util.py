@@ -305,8 +305,8 @@ def write_atomic(path, write, error=ConfigError, kept=False):
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)):
-            intact = "; the previous one is intact" if path.exists() else "; nothing was saved"
-            raise error(f"cannot write {path} ({disk_error(e, path.parent)}){intact * kept}") from None
+            raise error(f"cannot write {path} ({disk_error(e, path.parent)})" + kept * (
+                "; the previous one is intact" if path.exists() else "; nothing was saved")) from None
         raise
 
 
@@ -389,9 +389,9 @@ def check_resumed_args(args, saved, path, fixed):
                and not same(k, saved[k], v)]
     if changed:
         print0(f"resuming {path}{where} with changed flags: {', '.join(changed)}")
-    if saved.get("epochs") != args.epochs and "lr" in saved:
-        was, now = (cosine_lr(min(args._start_epoch, saved["epochs"]), a["lr"], a["min_lr"], a["warmup_epochs"],
-                              a["epochs"]) for a in (saved, new))
+    keys = ("lr", "min_lr", "warmup_epochs", "epochs")  # the recorded schedule, when all of it is there
+    if saved.get("epochs") != args.epochs and all(isinstance(saved.get(k), (int, float)) for k in keys):
+        was, now = (cosine_lr(min(args._start_epoch, saved["epochs"]), *(a[k] for k in keys)) for a in (saved, new))
         print0(f"--epochs {saved['epochs']} -> {args.epochs}: the cosine schedule is recomputed; at epoch "
                f"{args._start_epoch} the lr is {now:.3g} (the old schedule's: {was:.3g})")
 
@@ -619,7 +619,7 @@ FLAG_RANGES = dict(
     decoder_embed_dim=AT_LEAST_1, decoder_depth=AT_LEAST_1, decoder_num_heads=AT_LEAST_1,
     num_workers=NON_NEGATIVE, save_every=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE,
     blr=between(0, 1e37, lo_ok=False), lr=between(0, 1e37, lo_ok=False), min_lr=between(0, 1e37),
-    seed=between(0, 2 ** 63 - 1), dist_timeout=POSITIVE, weight_decay=NON_NEGATIVE, clip_grad=POSITIVE,
+    seed=between(0, 2 ** 63 - 1), dist_timeout=between(0, 1e6, lo_ok=False), weight_decay=NON_NEGATIVE, clip_grad=POSITIVE,
     mask_ratio=between(0, 1, hi_ok=False), min_crop_scale=between(0, 1, lo_ok=False),
     benchmark=NON_NEGATIVE, benchmark_warmup=NON_NEGATIVE,
     peak_tflops=POSITIVE)

@@ -48,6 +48,15 @@ def copy_run(src, dst):
     return dst
 
 
+def write_split(root, classes, n=8):
+    """An image folder split: `n` 32x32 PNGs per class, one colour per class and image."""
+    from PIL import Image
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (32, 32), (30 * c + 10 * i, 90, 200 - 20 * c)).save(root / name / f"{i}.png")
+
+
 def run_script(*args, timeout=300):
     """Run `python <args>` from the project root; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,

@@ -280,9 +280,18 @@ def test_the_data_scale_table_gives_each_students_mean_and_range_over_seeds_and_
             run.mkdir(parents=True)
             lines = [{"epoch": 0, "train_loss": 2.0}, {"epoch": 1, "test_acc1": acc}]  # the last line counts
             (run / "log.txt").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "ft" / "notes_s1").mkdir()  # not <student>_<n>_s<seed>: skipped
+    (tmp_path / "ft" / "mae_50_s9").mkdir()  # a run that has not written its log yet: skipped
+    (tmp_path / "ft" / "mae_50_s9" / "log.txt").write_text("")
     args = analyze.get_args_parser().parse_args(["--data_scale", str(tmp_path / "ft"), "--output_dir", str(tmp_path)])
     analyze.main(args)
     rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
     assert rows["mae"] == "| mae | 43.00 (40.00-47.00, 3 seeds) | 55.50 (55.50-55.50, 1 seeds) |"
     assert rows["dmae"] == "| dmae | 45.00 (44.00-46.00, 2 seeds) | - |"
     assert (tmp_path / "data_scale.png").stat().st_size > 10_000
+
+
+def test_checkpoints_and_data_scale_together_or_neither_are_refused(tmp_path):
+    for argv in ([], ["a.pth", "--data_scale", str(tmp_path)]):
+        with pytest.raises(util.ConfigError, match="give one or more checkpoints to analyse, or --data_scale"):
+            analyze.main(analyze.get_args_parser().parse_args([*argv, "--output_dir", str(tmp_path / "out")]))

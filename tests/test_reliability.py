@@ -21,22 +21,15 @@ import distill_pretrain as dp
 import finetune
 import mae_pretrain
 import util
-from conftest import ROOT, TINY_DATA, TINY_RUN, error_line, free_port, load, parse, run_torchrun
+from conftest import ROOT, TINY_DATA, TINY_RUN, error_line, free_port, load, parse, run_torchrun, write_split
 from vit import VisionTransformer
-
-
-def write_split(root, classes, n=4):
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(n):
-            Image.new("RGB", (32, 32), (60 * c + 20 * i, 90, 200 - 40 * c)).save(root / name / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
 def two_classes(tmp_path_factory):
     root = tmp_path_factory.mktemp("two")
     for split in ("train", "val"):
-        write_split(root / split, ["cat", "dog"])
+        write_split(root / split, ["cat", "dog"], n=4)
     return root
 
 
@@ -116,13 +109,13 @@ def test_the_same_teacher_under_another_path_resumes_and_is_not_a_change(tmp_pat
 
 def test_a_dataset_of_one_class_is_refused(tmp_path):
     for split in ("train", "val"):
-        write_split(tmp_path / "d" / split, ["cat"])
+        write_split(tmp_path / "d" / split, ["cat"], n=4)
     with pytest.raises(util.ConfigError, match=r"the data has 1 class \(cat\): a classifier needs 2 or more"):
         ft(tmp_path / "d", tmp_path / "run", "--epochs", "1")
 
 
 def test_two_class_folders_that_are_one_real_folder_are_refused(tmp_path):
-    write_split(tmp_path / "d" / "train", ["a", "b"])
+    write_split(tmp_path / "d" / "train", ["a", "b"], n=4)
     os.symlink(tmp_path / "d" / "train" / "a", tmp_path / "d" / "train" / "c")
     with pytest.raises(data.DataError, match="the class folders 'a' and 'c' are the same folder"):
         data.image_folder(str(tmp_path / "d" / "train"), None, data.open_image)
@@ -238,6 +231,7 @@ def test_a_full_disk_at_the_reconstructions_is_one_line(tmp_path, monkeypatch):
     (["--seed", "99999999999999999999"], "--seed must lie in [0, 9223372036854775807], got 99999999999999999999"),
     (["--lr", "1e38"], "--lr must lie in (0, 1e+37], got 1e+38"),
     (["--output_dir", ""], "--output_dir is empty"),
+    (["--dist_timeout", "1e30"], "--dist_timeout must lie in (0, 1000000.0], got 1e+30"),  # beyond timedelta
 ])
 def test_flags_that_would_end_in_a_traceback_are_refused(tmp_path, flags, message):
     with pytest.raises(util.ConfigError) as e:
@@ -332,7 +326,7 @@ def test_a_new_analysis_replaces_the_files_of_an_earlier_one(tmp_path, capsys):
 
 
 def test_files_skipped_for_their_extension_are_counted(tmp_path, capsys):
-    write_split(tmp_path / "train", ["a", "b"])
+    write_split(tmp_path / "train", ["a", "b"], n=4)
     (tmp_path / "train" / "a" / "readme.txt").write_text("x")
     args = parse(finetune, "--data_path", tmp_path)
     data.build_dataset(args, train=True)

@@ -22,7 +22,7 @@ import hiera
 import mae_pretrain
 import util
 from conftest import (ROOT, TINY_DATA, TINY_RUN, copy_run, error_line, load, parse, run_script,
-                      run_torchrun, wait_for)
+                      run_torchrun, wait_for, write_split)
 from vit import VisionTransformer
 
 
@@ -79,13 +79,6 @@ def test_the_lock_of_a_run_killed_with_sigkill_does_not_block_the_next(tmp_path)
 
 
 # -- classifiers and their classes ---------------------------------------------------------------
-
-
-def write_split(root, classes, n=8):
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(n):
-            Image.new("RGB", (32, 32), (30 * c + 10 * i, 90, 200 - 20 * c)).save(root / name / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
